@@ -1,0 +1,498 @@
+"""BERT, written out by hand: embeddings -> multi-head attention -> feed-forward ->
+encoder block -> encoder -> pooler -> task heads. Read it top to bottom.
+
+Shape letters used in every comment below:
+    B  batch size               T  sequence length (tokens)
+    H  hidden size              nh number of attention heads
+    hs head size (H // nh)      I  intermediate (feed-forward) size
+    V  vocabulary size          N  number of labelled (masked) positions
+
+Deviations from the original BERT (Devlin et al., 2019) are all opt-in config
+fields, flagged where they are implemented and pinned by tests:
+    position_embedding="sinusoidal"  (Vaswani et al. 2017 encoding instead of learned)
+    norm_position="pre"              (pre-LN blocks + a final LayerNorm)
+    attn_impl="sdpa"                 (same math through torch's fused kernel)
+With the defaults the module computes exactly what Google's / Hugging Face's BERT
+computes, to float precision (tests/test_parity_minilm.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checkpoint import PretrainedMixin
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768  # H
+    num_layers: int = 12  # L
+    num_heads: int = 12  # nh; hs = H / nh
+    intermediate_size: int = 3072  # I, 4H in every published BERT
+    max_position: int = 512
+    type_vocab_size: int = 2  # segment A / segment B
+    dropout: float = 0.1  # on embeddings, sublayer outputs and the classifier
+    attention_dropout: float = 0.1  # on the attention probabilities
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    position_embedding: str = "learned"  # "learned" (BERT) | "sinusoidal" (deviation)
+    norm_position: str = "post"  # "post" (BERT) | "pre" (deviation)
+    attn_impl: str = "sdpa"  # "math" (readable, can return weights) | "sdpa"
+    num_labels: int = 2  # for the classification heads
+    classifier_dropout: Optional[float] = None  # None -> use `dropout`
+    # label names for classification heads, saved in config.json like Hugging Face does
+    id2label: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.position_embedding not in ("learned", "sinusoidal"):
+            raise ValueError(f"position_embedding must be 'learned' or 'sinusoidal', got {self.position_embedding!r}")
+        if self.norm_position not in ("post", "pre"):
+            raise ValueError(f"norm_position must be 'post' or 'pre', got {self.norm_position!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.position_embedding == "sinusoidal" and self.hidden_size % 2:
+            raise ValueError("the sinusoidal encoding needs an even hidden_size")
+        # JSON turns int keys into strings; keep them ints here
+        self.id2label = {int(k): v for k, v in self.id2label.items()}
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "BertConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+ATTN_IMPLS = ("math", "sdpa")
+
+
+def _size(L: int, H: int) -> dict:
+    # Google's small-BERT grid: A = H/64 heads, intermediate = 4H.
+    return dict(num_layers=L, hidden_size=H, num_heads=H // 64, intermediate_size=4 * H)
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": _size(2, 128),
+    "mini": _size(4, 256),
+    "small": _size(4, 512),
+    "medium": _size(8, 512),
+    "base": _size(12, 768),
+    "large": _size(24, 1024),
+}
+
+
+# -----------------------------------------------------------------------------
+# Embeddings
+
+
+def sinusoidal_encoding(max_len: int, dim: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)),  PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (T, 1)
+    two_i = torch.arange(0, dim, 2, dtype=torch.float64)  # (d/2,)
+    angle = pos / torch.pow(10000.0, two_i / dim)  # (T, d/2)
+    pe = torch.zeros(max_len, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle)
+    return pe.float()  # computed in float64 so large positions stay accurate
+
+
+class Embeddings(nn.Module):
+    """token + segment + position, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.seg = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        if cfg.position_embedding == "learned":
+            self.pos = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        else:
+            # DEVIATION from BERT: fixed sinusoidal positions (Vaswani et al. 2017), not trained.
+            # A non-persistent buffer, so it is never saved and cannot be loaded wrongly.
+            self.register_buffer("pe", sinusoidal_encoding(cfg.max_position, cfg.hidden_size), persistent=False)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def position_table(self) -> Tensor:
+        return self.pos.weight if hasattr(self, "pos") else self.pe
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
+        T = input_ids.size(1)
+        if T > self.position_table().size(0):
+            raise ValueError(f"sequence length {T} exceeds max_position {self.position_table().size(0)}")
+        if position_ids is None:
+            pos = self.position_table()[:T]  # (T, H), broadcast over the batch
+        else:
+            pos = self.position_table()[position_ids]  # (B, T, H), packed rows restart at 0
+        x = self.tok(input_ids) + self.seg(token_type_ids) + pos  # (B, T, H)
+        return self.drop(self.norm(x))
+
+
+# -----------------------------------------------------------------------------
+# Multi-head attention
+
+
+def attention_bias(attention_mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Turn a keep-mask into an additive bias that broadcasts against the (B, nh, T, T) scores.
+
+    attention_mask is (B, T) with 1 = real token, 0 = padding (the usual BERT input), or
+    (B, T, T) with mask[b, i, j] = 1 when query i may look at key j (packed rows).
+    Masked scores get the most negative finite number rather than -inf: exp() of it is
+    exactly 0 after the max is subtracted, and a row with nothing to attend to (a
+    padding query in a packed batch) stays finite instead of turning into NaN.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        keep = attention_mask[:, None, None, :]  # (B, 1, 1, T): the same for every query and head
+    elif attention_mask.dim() == 3:
+        keep = attention_mask[:, None, :, :]  # (B, 1, T, T)
+    else:
+        raise ValueError(f"attention_mask must be (B, T) or (B, T, T), got shape {tuple(attention_mask.shape)}")
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+    return bias.masked_fill(keep == 0, torch.finfo(dtype).min)
+
+
+class MultiHeadAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_nh) W_o,  head_i = softmax(Q_i K_i^T / sqrt(hs)) V_i."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.nh, self.hs = cfg.num_heads, cfg.head_size
+        self.q = nn.Linear(H, H)
+        self.k = nn.Linear(H, H)
+        self.v = nn.Linear(H, H)
+        self.o = nn.Linear(H, H)
+        self.cfg = cfg  # read at call time, so `model.config.attn_impl = "math"` switches every layer
+
+    def forward(self, x: Tensor, bias: Optional[Tensor], need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        B, T, H = x.shape
+        # 1) project, then split H into nh heads of size hs
+        q = self.q(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.v(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        p_drop = self.cfg.attention_dropout if self.training else 0.0
+        weights = None
+        if self.cfg.attn_impl == "math" or need_weights:
+            # 2) scaled scores: dividing by sqrt(hs) keeps their variance ~1 so softmax is not saturated
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)  # (B, nh, T, T)
+            # 3) padding mask: masked keys get ~-inf and so zero probability
+            if bias is not None:
+                scores = scores + bias
+            # 4) softmax over the keys, then dropout on the probabilities (as in BERT)
+            weights = scores.softmax(dim=-1)  # (B, nh, T, T)
+            y = F.dropout(weights, p_drop, self.training) @ v  # (B, nh, T, hs)
+        else:
+            # the same function through torch's fused kernel (flash / memory-efficient / C++ math)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)  # (B, nh, T, hs)
+        # 5) merge the heads back and mix them with the output projection
+        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        return self.o(y), weights
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward and the encoder block
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) -- the exact form BERT uses, not the tanh fit."""
+    return F.gelu(x)  # torch's erf GELU, one fused kernel; tests pin it to the formula above
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = W_2 GELU(W_1 x + b_1) + b_2, applied to every position independently."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(gelu(self.up(x)))
+
+
+class EncoderLayer(nn.Module):
+    """post-LN (BERT):  x = LN(x + Drop(Attn(x)));  x = LN(x + Drop(FFN(x)))
+    pre-LN (deviation): x = x + Drop(Attn(LN(x)));  x = x + Drop(FFN(LN(x)))
+
+    Pre-LN (Xiong et al. 2020) keeps the residual stream un-normalised, which trains
+    deep stacks stably without warmup; post-LN is what every released BERT uses.
+    """
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attn = MultiHeadAttention(cfg)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.pre_ln = cfg.norm_position == "pre"
+
+    def forward(self, x: Tensor, bias: Optional[Tensor], need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if self.pre_ln:
+            a, w = self.attn(self.norm1(x), bias, need_weights)
+            x = x + self.drop(a)
+            x = x + self.drop(self.ffn(self.norm2(x)))
+        else:
+            a, w = self.attn(x, bias, need_weights)
+            x = self.norm1(x + self.drop(a))
+            x = self.norm2(x + self.drop(self.ffn(x)))
+        return x, w
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        # DEVIATION (pre-LN only): the residual stream is never normalised inside the blocks,
+        # so a final LayerNorm brings the output back to BERT's scale for the heads.
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None
+
+    def forward(self, x: Tensor, bias: Optional[Tensor], need_weights: bool = False) -> tuple[Tensor, list[Tensor]]:
+        maps = []
+        for layer in self.layers:
+            x, w = layer(x, bias, need_weights)
+            if need_weights:
+                maps.append(w)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return x, maps
+
+
+# -----------------------------------------------------------------------------
+# The encoder model
+
+
+class BertModel(PretrainedMixin, nn.Module):
+    """input ids (B, T) -> final hidden states (B, T, H).  `pool(h)` gives the [CLS] summary (B, H)."""
+
+    head_prefixes = ("pooler.",)  # parts a checkpoint may lack; they are initialised and reported
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        # pooler: dense + tanh on [CLS], trained by NSP; the sentence vector for classification
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # BERT's init: N(0, 0.02) for every matrix, zero biases, LayerNorm = identity
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            nn.init.zeros_(m.weight[m.padding_idx])
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _encode(self, input_ids, token_type_ids, attention_mask, position_ids, need_weights):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
+        bias = attention_bias(attention_mask, x.dtype)
+        return self.encoder(x, bias, need_weights)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+    ) -> Tensor:
+        h, _ = self._encode(input_ids, token_type_ids, attention_mask, position_ids, need_weights=False)
+        return h  # (B, T, H)
+
+    def forward_with_attention(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Hidden states and every layer's attention probabilities, a list of L (B, nh, T, T)."""
+        return self._encode(input_ids, token_type_ids, attention_mask, None, need_weights=True)
+
+    def pool(self, h: Tensor) -> Tensor:
+        return torch.tanh(self.pooler(h[:, 0]))  # (B, H)
+
+
+# -----------------------------------------------------------------------------
+# Heads
+
+
+class MLMHead(nn.Module):
+    """hidden -> dense -> GELU -> LayerNorm -> decoder (tied to the word embeddings) + own bias."""
+
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.word_embeddings = [word_embeddings]  # a list so the tied matrix is not registered twice
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: Tensor) -> Tensor:
+        x = self.norm(gelu(self.dense(h)))
+        return F.linear(x, self.word_embeddings[0].weight, self.bias)  # (..., V)
+
+
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the positions whose label is not -100 (the masked ones)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+@dataclass
+class PreTrainingOutput:
+    loss: Optional[Tensor]  # mlm_loss + nsp_loss (or just mlm_loss without NSP labels)
+    mlm_logits: Tensor  # (B, T, V) without labels; (N, V) at the labelled positions with labels
+    nsp_logits: Tensor  # (B, 2)
+    mlm_loss: Optional[Tensor] = None
+    nsp_loss: Optional[Tensor] = None
+
+
+class BertForPreTraining(PretrainedMixin, nn.Module):
+    """Masked LM + next-sentence prediction, the two objectives of BERT's pretraining."""
+
+    head_prefixes = ("mlm.", "nsp.", "bert.pooler.")
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        self.mlm = MLMHead(cfg, self.bert.embeddings.tok)
+        self.nsp = nn.Linear(cfg.hidden_size, 2)
+        self.mlm.apply(self.bert._init_weights)
+        self.nsp.apply(self.bert._init_weights)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        next_sentence_label: Optional[Tensor] = None,
+    ) -> PreTrainingOutput:
+        h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        nsp_logits = self.nsp(self.bert.pool(h))  # (B, 2)
+        if labels is None:
+            return PreTrainingOutput(None, self.mlm(h), nsp_logits)
+        # Only the labelled ~15% of positions are ever scored: gather them first so the
+        # V-wide decoder runs on N rows instead of B*T (the loss is the same either way).
+        sel = labels.reshape(-1) != -100  # (B*T,)
+        mlm_logits = self.mlm(h.reshape(-1, h.size(-1))[sel])  # (N, V)
+        loss = m_loss = mlm_loss(mlm_logits, labels.reshape(-1)[sel])
+        n_loss = None
+        if next_sentence_label is not None:
+            n_loss = F.cross_entropy(nsp_logits, next_sentence_label)
+            loss = loss + n_loss
+        return PreTrainingOutput(loss, mlm_logits, nsp_logits, m_loss, n_loss)
+
+
+@dataclass
+class MaskedLMOutput:
+    loss: Optional[Tensor]
+    logits: Tensor  # (B, T, V), or (N, V) at the labelled positions when labels are given
+
+
+class BertForMaskedLM(PretrainedMixin, nn.Module):
+    """The MLM head alone (RoBERTa-style pretraining, and the cloze prompts of fine-tuning)."""
+
+    head_prefixes = ("mlm.", "bert.pooler.")
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        self.mlm = MLMHead(cfg, self.bert.embeddings.tok)
+        self.mlm.apply(self.bert._init_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> MaskedLMOutput:
+        h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        if labels is None:
+            return MaskedLMOutput(None, self.mlm(h))
+        sel = labels.reshape(-1) != -100  # (B*T,)
+        logits = self.mlm(h.reshape(-1, h.size(-1))[sel])  # (N, V)
+        return MaskedLMOutput(mlm_loss(logits, labels.reshape(-1)[sel]), logits)
+
+
+@dataclass
+class ClassifierOutput:
+    loss: Optional[Tensor]
+    logits: Tensor  # (B, num_labels) for sequences, (B, T, num_labels) for tokens
+
+
+class BertForSequenceClassification(PretrainedMixin, nn.Module):
+    """[CLS] -> pooler -> dropout -> linear. Cross-entropy, or MSE when num_labels == 1 (regression)."""
+
+    head_prefixes = ("classifier.", "bert.pooler.")
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        p = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.drop = nn.Dropout(p)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.classifier.apply(self.bert._init_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ClassifierOutput:
+        h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        logits = self.classifier(self.drop(self.bert.pool(h)))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels)
+        return ClassifierOutput(loss, logits)
+
+
+class BertForTokenClassification(PretrainedMixin, nn.Module):
+    """Every token's hidden state -> dropout -> linear (tagging, NER). Labels -100 are ignored."""
+
+    head_prefixes = ("classifier.", "bert.pooler.")
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        p = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.drop = nn.Dropout(p)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+        self.classifier.apply(self.bert._init_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> ClassifierOutput:
+        h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        logits = self.classifier(self.drop(h))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return ClassifierOutput(loss, logits)

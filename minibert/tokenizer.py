@@ -1,0 +1,229 @@
+"""WordPiece tokenization, built on the `tokenizers` library (the Rust core does the
+string work; the BERT-specific parts -- special tokens, segment ids, truncation,
+padding -- are written out here).
+
+    text --normalise--> "héllo, wörld!" -> "hello, world!"   (lower-case, strip accents, clean controls,
+                                                              spaces around CJK characters)
+         --pre-tokenise--> ["hello", ",", "world", "!"]      (split on whitespace and punctuation)
+         --WordPiece--> ["hello", ",", "world", "!"]; "unaffable" -> ["una", "##ffa", "##ble"]
+                        (greedy longest-match-first from the vocabulary; [UNK] if a word can't be built)
+    pair:  [CLS] A [SEP] B [SEP],  token_type_ids 0 for [CLS] A [SEP], 1 for B [SEP]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from tokenizers import Tokenizer as _RustTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
+    tok = _RustTokenizer(model)
+    # BERT's normaliser: drop control chars, map whitespace to spaces, pad CJK chars with
+    # spaces so each becomes its own word, lower-case and strip accents (uncased models)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace + every punctuation char
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+class Tokenizer:
+    """Encode text for BERT; train a vocabulary; load or save vocab.txt / tokenizer.json."""
+
+    def __init__(self, rust_tokenizer: _RustTokenizer, lowercase: bool = True, model_max_length: int = 512):
+        self._tok = rust_tokenizer
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.lowercase = lowercase
+        self.model_max_length = model_max_length
+        missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"vocabulary lacks the special tokens {missing}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.special_ids = frozenset((self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
+        # saved tokenizer.json files add [CLS]/[SEP] themselves, so other libraries use them as-is;
+        # minibert encodes without it and adds the specials below, where a reader can see it.
+        self._tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", self.cls_id), ("[SEP]", self.sep_id)],
+        )
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def from_vocab(cls, vocab_file: Union[str, os.PathLike], lowercase: bool = True) -> "Tokenizer":
+        vocab = {}
+        with open(vocab_file, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                tok = line.rstrip("\n")
+                if tok in vocab:  # some published vocabularies repeat a token; the first id wins
+                    continue
+                vocab[tok] = i
+        if not vocab:
+            raise ValueError(f"{vocab_file}: empty vocabulary")
+        return cls(_pipeline(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100), lowercase), lowercase)
+
+    @classmethod
+    def from_file(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
+        """A folder (tokenizer.json preferred, else vocab.txt), a tokenizer.json, or a vocab.txt."""
+        path = Path(path)
+        lowercase, max_len = True, 512
+        folder = path if path.is_dir() else path.parent
+        cfg_file = folder / "tokenizer_config.json"
+        if cfg_file.exists():
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            lowercase = bool(cfg.get("do_lower_case", True))
+            max_len = int(min(cfg.get("model_max_length", 512), 1 << 20))
+        if path.is_dir():
+            if (path / "tokenizer.json").exists():
+                path = path / "tokenizer.json"
+            elif (path / "vocab.txt").exists():
+                path = path / "vocab.txt"
+            else:
+                raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such tokenizer file")
+        if path.suffix == ".json":
+            tok = cls(_RustTokenizer.from_file(str(path)), lowercase)
+        else:
+            tok = cls.from_vocab(path, lowercase)
+        tok.model_max_length = max_len
+        return tok
+
+    @classmethod
+    def train(
+        cls,
+        files: Sequence[Union[str, os.PathLike]],
+        vocab_size: int = 8000,
+        lowercase: bool = True,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> "Tokenizer":
+        """Learn a WordPiece vocabulary from text files (the specials get ids 0..4)."""
+        tok = _pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            continuing_subword_prefix="##",
+            show_progress=show_progress,
+        )
+        tok.train([str(f) for f in files], trainer)
+        return cls(tok, lowercase)
+
+    def save(self, folder: Union[str, os.PathLike]) -> None:
+        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        from .checkpoint import atomic_write, atomic_write_text
+
+        folder = Path(folder)
+        vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
+        atomic_write_text(folder / "vocab.txt", "".join(t + "\n" for t, _ in vocab))
+        atomic_write(folder / "tokenizer.json", lambda tmp: self._tok.save(tmp))
+        specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+        cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase, "model_max_length": self.model_max_length, **specials}
+        atomic_write_text(folder / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+
+    # -- vocabulary -------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> Optional[str]:
+        return self._tok.id_to_token(i)
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
+    # -- encoding ---------------------------------------------------------------
+
+    def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Word-piece ids without special tokens, for many texts at once (parallel in Rust)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def build_inputs(self, a: list[int], b: Optional[list[int]] = None, max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
+        """[CLS] A [SEP] (B [SEP]) with segment ids, after longest-first truncation to max_length."""
+        a, b = list(a), (list(b) if b is not None else None)
+        if max_length is not None:
+            budget = max_length - (3 if b is not None else 2)  # room left after the specials
+            if budget < 0:
+                raise ValueError(f"max_length {max_length} leaves no room for the special tokens")
+            truncate_longest_first(a, b if b is not None else [], budget)
+        ids = [self.cls_id] + a + [self.sep_id]
+        types = [0] * len(ids)
+        if b is not None:
+            ids += b + [self.sep_id]
+            types += [1] * (len(b) + 1)
+        return ids, types
+
+    def encode(self, text: str, pair: Optional[str] = None, max_length: Optional[int] = None) -> dict[str, list[int]]:
+        """One sentence (or pair) -> {'input_ids', 'token_type_ids', 'attention_mask'} as lists."""
+        a = self.encode_ids([text])[0]
+        b = self.encode_ids([pair])[0] if pair is not None else None
+        ids, types = self.build_inputs(a, b, max_length)
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": [1] * len(ids)}
+
+    def __call__(
+        self,
+        texts: Union[str, Sequence[str]],
+        pairs: Union[None, str, Sequence[str]] = None,
+        max_length: Optional[int] = None,
+        padding: str = "longest",
+    ) -> dict[str, torch.Tensor]:
+        """Batch encode to (B, T) long tensors. padding: 'longest' (dynamic) or 'max_length'."""
+        if isinstance(texts, str):
+            texts = [texts]
+            pairs = [pairs] if isinstance(pairs, str) else pairs
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
+        max_length = max_length or self.model_max_length
+        a_ids = self.encode_ids(texts)
+        b_ids = self.encode_ids(pairs) if pairs is not None else [None] * len(texts)
+        rows = [self.build_inputs(a, b, max_length) for a, b in zip(a_ids, b_ids)]
+        return self.pad(rows, max_length if padding == "max_length" else None)
+
+    def pad(self, rows: Sequence[tuple[list[int], list[int]]], length: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """(ids, segment ids) rows -> padded (B, T) tensors; T = the longest row unless given."""
+        T = length or max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(rows), T), dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, (ids, types) in enumerate(rows):
+            n = len(ids)
+            input_ids[i, :n] = torch.tensor(ids)
+            token_type_ids[i, :n] = torch.tensor(types)
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def truncate_longest_first(a: list[int], b: list[int], budget: int) -> None:
+    """Drop tokens from the end of the longer list (B on ties) until len(a) + len(b) <= budget.
+    Keeps as much of the shorter text as possible, as BERT's data pipeline does."""
+    while len(a) + len(b) > budget:
+        if len(a) > len(b):
+            a.pop()
+        else:
+            b.pop()
