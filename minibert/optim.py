@@ -1,0 +1,65 @@
+"""The optimiser recipe shared by pretraining and fine-tuning: AdamW without weight decay
+on biases and LayerNorm, linear warmup then linear decay (BERT's schedule)."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _layer_depth(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i+1 for encoder layer i, num_layers+1 for everything above."""
+    if "embeddings." in name:
+        return 0
+    m = re.search(r"encoder\.layers\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
+    """Parameter groups for AdamW.
+
+    Biases and LayerNorm weights get no weight decay: they set offsets and scales, and
+    pulling them to zero only hurts (as in BERT's original optimiser). With layer_decay
+    (e.g. 0.9), layer i's learning rate is lr * layer_decay^(depth_top - i): the lower
+    layers, which hold general features, move less during fine-tuning.
+    """
+    num_layers = getattr(getattr(model, "config", None), "num_layers", 0)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2  # biases, LayerNorm weights and biases, the MLM output bias
+        wd = 0.0 if no_decay else weight_decay
+        scale = 1.0 if layer_decay is None else layer_decay ** (num_layers + 1 - _layer_depth(name, num_layers))
+        groups.setdefault((wd, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": lr * s} for (wd, s), ps in groups.items()]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    layer_decay: Optional[float] = None,
+) -> torch.optim.AdamW:
+    groups = param_groups(model, lr, weight_decay, layer_decay)
+    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    # the fused kernel updates all tensors in a few launches; CUDA only
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+
+
+def warmup_linear(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr(t) = base * t / warmup for t < warmup, then base * (total - t) / (total - warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)  # +1: the first step already trains
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
