@@ -1,0 +1,239 @@
+"""Each hand-written piece against an independent implementation: attention vs torch's
+SDPA and nn.MultiheadAttention, LayerNorm/GELU/sinusoidal encoding vs their formulas,
+and the behaviours whose bugs are silent (loss masks, padding)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minibert import BertConfig, BertForPreTraining, BertModel
+from minibert.model import EncoderLayer, MultiHeadAttention, attention_bias, gelu, mlm_loss, sinusoidal_encoding
+
+
+def make_cfg(**kw):
+    base = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=64)
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def padded_batch(B=3, T=11, H=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, generator=g)
+    lengths = torch.tensor([T, 7, 3])[:B]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (B, T)
+    return x, mask
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_attention_matches_sdpa_forward_and_grad(impl):
+    torch.manual_seed(0)
+    cfg = make_cfg(attn_impl=impl, attention_dropout=0.0)
+    attn = MultiHeadAttention(cfg)
+    x, mask = padded_batch()
+    x.requires_grad_(True)
+    out, _ = attn(x, attention_bias(mask, x.dtype))
+
+    # reference: the same projections, torch's SDPA with a boolean key mask, written independently
+    B, T, H = x.shape
+    xr = x.detach().clone().requires_grad_(True)
+
+    def heads(t):
+        return t.view(B, T, 4, 16).transpose(1, 2)
+
+    q, k, v = heads(F.linear(xr, attn.q.weight, attn.q.bias)), heads(F.linear(xr, attn.k.weight, attn.k.bias)), heads(F.linear(xr, attn.v.weight, attn.v.bias))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :])
+    ref = F.linear(y.transpose(1, 2).reshape(B, T, H), attn.o.weight, attn.o.bias)
+
+    real = mask.bool()
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out) * mask[..., None]  # gradients only from real positions
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_matches_nn_multiheadattention():
+    torch.manual_seed(1)
+    cfg = make_cfg(attn_impl="math", attention_dropout=0.0)
+    attn = MultiHeadAttention(cfg)
+    ref = torch.nn.MultiheadAttention(64, 4, batch_first=True, dropout=0.0)
+    with torch.no_grad():  # copy our weights into torch's packed in_proj layout
+        ref.in_proj_weight.copy_(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+        ref.in_proj_bias.copy_(torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]))
+        ref.out_proj.weight.copy_(attn.o.weight)
+        ref.out_proj.bias.copy_(attn.o.bias)
+    x, mask = padded_batch()
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    ours, w = attn(x1, attention_bias(mask, x.dtype), need_weights=True)
+    theirs, w_ref = ref(x2, x2, x2, key_padding_mask=~mask.bool(), need_weights=True, average_attn_weights=False)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+    # weights (B, nh, T, T): compare the rows of real queries
+    torch.testing.assert_close(w.transpose(1, 2)[real], w_ref.transpose(1, 2)[real], atol=1e-6, rtol=1e-5)
+    # padded keys get exactly zero probability
+    assert w[1, :, :, 7:].abs().max() == 0
+    ours[real].sum().backward()
+    theirs[real].sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn.o.weight.grad, ref.out_proj.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_weights_rows_sum_to_one_and_scale_is_sqrt_head_size():
+    torch.manual_seed(2)
+    cfg = make_cfg(attn_impl="math", attention_dropout=0.0)
+    attn = MultiHeadAttention(cfg)
+    x, _ = padded_batch(B=1, T=5)
+    _, w = attn(x, None, need_weights=True)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 5))
+    q = attn.q(x).view(1, 5, 4, 16).transpose(1, 2)
+    k = attn.k(x).view(1, 5, 4, 16).transpose(1, 2)
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1)  # sqrt(16) = 4
+    torch.testing.assert_close(w, expected)
+
+
+def test_layernorm_matches_formula_biased_variance():
+    # BERT's LayerNorm uses the biased variance (divide by H); an unbiased one is a silent bug
+    torch.manual_seed(3)
+    layer = EncoderLayer(make_cfg())
+    ln = layer.norm1
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x = torch.randn(4, 64) * 3 + 1
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    expected = (x - mu) / torch.sqrt(var + 1e-12) * ln.weight + ln.bias
+    torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+    assert ln.eps == 1e-12
+
+
+def test_gelu_is_the_exact_erf_form():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    expected = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+    torch.testing.assert_close(gelu(x), expected, atol=1e-12, rtol=0)
+    tanh_approx = F.gelu(x, approximate="tanh")
+    assert (gelu(x) - tanh_approx).abs().max() > 1e-4  # we are not the tanh fit
+
+
+def test_sinusoidal_encoding_formula():
+    pe = sinusoidal_encoding(50, 16)
+    for pos in (0, 1, 7, 49):
+        for i in range(8):
+            angle = pos / (10000 ** (2 * i / 16))
+            assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+    # relative positions are linear maps: PE(pos+k) = R_k PE(pos) for each (sin, cos) pair
+    k = 3
+    w = 1 / (10000 ** (torch.arange(0, 16, 2) / 16))
+    s, c = pe[10, 0::2], pe[10, 1::2]
+    rot_s = s * torch.cos(k * w) + c * torch.sin(k * w)
+    torch.testing.assert_close(rot_s, pe[10 + k, 0::2], atol=1e-5, rtol=0)
+
+
+def test_sinusoidal_model_has_no_position_parameters_and_uses_the_table():
+    cfg = make_cfg(position_embedding="sinusoidal")
+    m = BertModel(cfg)
+    assert not any("pos" in n for n, _ in m.named_parameters())
+    assert "embeddings.pe" not in m.state_dict()  # a derived buffer, never saved
+    torch.testing.assert_close(m.embeddings.position_table(), sinusoidal_encoding(64, 64))
+
+
+def test_pre_ln_differs_from_post_ln_and_has_final_norm():
+    torch.manual_seed(0)
+    post = BertModel(make_cfg()).eval()
+    torch.manual_seed(0)
+    pre = BertModel(make_cfg(norm_position="pre")).eval()
+    assert pre.encoder.final_norm is not None and post.encoder.final_norm is None
+    ids = torch.randint(5, 97, (2, 9))
+    # pre-LN layer: x + Attn(LN(x)) + FFN(LN(.)) -- check one layer against the formula
+    layer = pre.encoder.layers[0]
+    x = torch.randn(2, 9, 64)
+    a, _ = layer.attn(layer.norm1(x), None)
+    y = x + a
+    y = y + layer.ffn(layer.norm2(y))
+    torch.testing.assert_close(layer(x, None)[0], y)
+    assert not torch.allclose(pre(ids), post(ids))
+
+
+def test_padding_never_changes_real_positions():
+    torch.manual_seed(4)
+    for impl in ("math", "sdpa"):
+        m = BertModel(make_cfg(attn_impl=impl)).eval()
+        ids = torch.randint(5, 97, (1, 6))
+        short = m(ids, attention_mask=torch.ones_like(ids))
+        padded_ids = torch.cat([ids, torch.randint(5, 97, (1, 5))], 1)  # garbage in the padding
+        mask = torch.tensor([[1] * 6 + [0] * 5])
+        long = m(padded_ids, attention_mask=mask)
+        torch.testing.assert_close(long[:, :6], short, atol=1e-6, rtol=1e-6)
+
+
+def test_math_and_sdpa_paths_agree_on_a_whole_model():
+    torch.manual_seed(5)
+    m = BertForPreTraining(make_cfg(attn_impl="math")).eval()
+    ids = torch.randint(5, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    a = m(ids, attention_mask=mask).mlm_logits
+    m.config.attn_impl = "sdpa"
+    b = m(ids, attention_mask=mask).mlm_logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+
+
+def test_mlm_loss_ignores_unlabelled_positions():
+    # The textbook bug: a loss "mask" that does nothing. Changing logits where label == -100
+    # must not move the loss; changing them where a label exists must.
+    torch.manual_seed(6)
+    logits = torch.randn(2, 8, 30)
+    labels = torch.full((2, 8), -100)
+    labels[0, 2], labels[1, 5] = 7, 11
+    base = mlm_loss(logits, labels)
+    noisy = logits.clone()
+    noisy[labels == -100] += 100 * torch.randn_like(noisy[labels == -100])
+    assert mlm_loss(noisy, labels).item() == pytest.approx(base.item(), abs=1e-6)
+    moved = logits.clone()
+    moved[0, 2, 7] += 5
+    assert abs(mlm_loss(moved, labels).item() - base.item()) > 1e-2
+    expected = -(logits[0, 2].log_softmax(-1)[7] + logits[1, 5].log_softmax(-1)[11]) / 2
+    assert base.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_pretraining_loss_depends_only_on_labelled_positions():
+    torch.manual_seed(7)
+    m = BertForPreTraining(make_cfg()).eval()
+    ids = torch.randint(5, 97, (2, 10))
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 1], labels[1, 7] = 9, 13, 40
+    nsp = torch.tensor([0, 1])
+    out = m(ids, labels=labels, next_sentence_label=nsp)
+    full = m(ids).mlm_logits  # (B, T, V) at every position
+    expected_mlm = F.cross_entropy(full.reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.mlm_loss, expected_mlm, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.mlm_logits, full[labels != -100], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, expected_mlm + F.cross_entropy(out.nsp_logits, nsp))
+
+
+def test_decoder_is_tied_to_word_embeddings():
+    m = BertForPreTraining(make_cfg())
+    assert m.mlm.word_embeddings[0].weight is m.bert.embeddings.tok.weight
+    names = [n for n, _ in m.named_parameters()]
+    assert sum("tok.weight" in n for n in names) == 1  # registered once
+
+
+def test_presets_follow_the_small_bert_grid():
+    for name, (L, H) in {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768), "large": (24, 1024)}.items():
+        c = BertConfig.from_preset(name)
+        assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == (L, H, H // 64, 4 * H)
+    with pytest.raises(ValueError, match="unknown preset"):
+        BertConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="divisible"):
+        BertConfig(hidden_size=100, num_heads=3)
+
+
+def test_bert_base_parameter_count():
+    # 110M is the number the BERT paper quotes for BERT-Base (with its 30,522-token vocabulary)
+    n = sum(p.numel() for p in BertModel(BertConfig.from_preset("base")).parameters())
+    assert n == 109_482_240
