@@ -182,7 +182,8 @@ def test_classification_report_matches_sklearn(names: list[str], seed: int) -> N
             (ref["precision"], ref["recall"], ref["f1-score"]), abs=1e-12
         )
     if k == 2:
-        assert tuple(report["binary"].values()) == pytest.approx(sklearn_prf(y_true, y_pred, 2, "binary"), abs=1e-12)
+        expected = sklearn_prf(y_true, y_pred, 2, "binary")
+        assert tuple(report["binary"].values()) == pytest.approx(expected, abs=1e-12)
     else:
         assert "binary" not in report
     json.dumps(report)  # plain Python types only, so it can go straight into a results file
@@ -265,5 +266,6 @@ def test_plots_write_png_files_without_touching_pyplot_state(tmp_path) -> None:
 def test_plot_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="2 label names"):
         metrics.plot_confusion_matrix(np.zeros((3, 3), dtype=int), ["a", "b"], tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"no record in history has \['acc'\]; keys present: \['loss', 'step'\]"):
+    expected = r"no record in history has \['acc'\]; keys present: \['loss', 'step'\]"
+    with pytest.raises(ValueError, match=expected):
         metrics.plot_curves([{"step": 1, "loss": 0.5}], tmp_path / "y.png", ["acc"])
