@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minibert import BertConfig, BertForPreTraining, BertModel
-from minibert.model import EncoderLayer, MultiHeadAttention, attention_bias, gelu, mlm_loss, sinusoidal_encoding
+from minibert.model import AttentionMask, EncoderLayer, MultiHeadAttention, attention_bias, gelu, mlm_loss, sinusoidal_encoding
 
 
 def make_cfg(**kw):
@@ -33,7 +33,7 @@ def test_attention_matches_sdpa_forward_and_grad(impl):
     attn = MultiHeadAttention(cfg)
     x, mask = padded_batch()
     x.requires_grad_(True)
-    out, _ = attn(x, attention_bias(mask, x.dtype))
+    out, _ = attn(x, AttentionMask(bias=attention_bias(mask, x.dtype)))
 
     # reference: the same projections, torch's SDPA with a boolean key mask, written independently
     B, T, H = x.shape
@@ -67,7 +67,7 @@ def test_attention_matches_nn_multiheadattention():
     x, mask = padded_batch()
     x1 = x.clone().requires_grad_(True)
     x2 = x.clone().requires_grad_(True)
-    ours, w = attn(x1, attention_bias(mask, x.dtype), need_weights=True)
+    ours, w = attn(x1, AttentionMask(bias=attention_bias(mask, x.dtype)), need_weights=True)
     theirs, w_ref = ref(x2, x2, x2, key_padding_mask=~mask.bool(), need_weights=True, average_attn_weights=False)
     real = mask.bool()
     torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_attention_weights_rows_sum_to_one_and_scale_is_sqrt_head_size():
     cfg = make_cfg(attn_impl="math", attention_dropout=0.0)
     attn = MultiHeadAttention(cfg)
     x, _ = padded_batch(B=1, T=5)
-    _, w = attn(x, None, need_weights=True)
+    _, w = attn(x, AttentionMask(), need_weights=True)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 4, 5))
     q = attn.q(x).view(1, 5, 4, 16).transpose(1, 2)
     k = attn.k(x).view(1, 5, 4, 16).transpose(1, 2)
@@ -151,10 +151,10 @@ def test_pre_ln_differs_from_post_ln_and_has_final_norm():
     # pre-LN layer: x + Attn(LN(x)) + FFN(LN(.)) -- check one layer against the formula
     layer = pre.encoder.layers[0]
     x = torch.randn(2, 9, 64)
-    a, _ = layer.attn(layer.norm1(x), None)
+    a, _ = layer.attn(layer.norm1(x), AttentionMask())
     y = x + a
     y = y + layer.ffn(layer.norm2(y))
-    torch.testing.assert_close(layer(x, None)[0], y)
+    torch.testing.assert_close(layer(x, AttentionMask())[0], y)
     assert not torch.allclose(pre(ids), post(ids))
 
 
@@ -170,17 +170,48 @@ def test_padding_never_changes_real_positions():
         torch.testing.assert_close(long[:, :6], short, atol=1e-6, rtol=1e-6)
 
 
-def test_math_and_sdpa_paths_agree_on_a_whole_model():
+@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+def test_attention_backends_agree_with_math_on_a_whole_model(impl):
+    """Values and gradients, with padding. (flex runs eagerly here: the unfused reference
+    of the same mask, forward only -- torch has no FlexAttention backward on the CPU.)"""
+    grads = impl != "flex"
     torch.manual_seed(5)
-    m = BertForPreTraining(make_cfg(attn_impl="math")).eval()
+    m = BertForPreTraining(make_cfg(attn_impl="math", dropout=0.0, attention_dropout=0.0))
     ids = torch.randint(5, 97, (3, 12))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
-    a = m(ids, attention_mask=mask).mlm_logits
-    m.config.attn_impl = "sdpa"
-    b = m(ids, attention_mask=mask).mlm_logits
-    real = mask.bool()
-    torch.testing.assert_close(a[real], b[real], atol=1e-5, rtol=1e-5)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = 7
+    out = []
+    for name in ("math", impl):
+        m.zero_grad()
+        m.config.attn_impl = name
+        with torch.set_grad_enabled(grads):
+            o = m(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
+        if grads:
+            o.loss.backward()
+        out.append((o.mlm_logits.detach(), o.nsp_logits.detach(), [p.grad.clone() for p in m.parameters()] if grads else []))
+    (a, na, ga), (b, nb, gb) = out
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(na, nb, atol=1e-5, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa", "flex"])
+def test_packed_rows_equal_separate_sequences(impl):
+    """Two sequences packed in one row (doc_ids + restarting positions) give the same
+    hidden states as each run alone: the block-diagonal mask lets nothing leak across."""
+    torch.manual_seed(8)
+    m = BertModel(make_cfg(attn_impl=impl)).eval().requires_grad_(impl != "flex")
+    a, b = torch.randint(5, 97, (1, 5)), torch.randint(5, 97, (1, 4))
+    packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)  # (1, 12) with 3 pads
+    doc_ids = torch.tensor([[1] * 5 + [2] * 4 + [0] * 3])
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    h = m(packed, doc_ids=doc_ids, position_ids=pos)
+    torch.testing.assert_close(h[:, :5], m(a), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h[:, 5:9], m(b), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(h).all()
 
 
 def test_mlm_loss_ignores_unlabelled_positions():
