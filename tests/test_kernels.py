@@ -150,26 +150,26 @@ def test_bias_gelu_reference_is_erf_gelu() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def attention_masks(B: int, T: int, mode: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(key_padding_mask, doc_ids) for: no masking, trailing padding in row 1, or packed
-    documents (three in row 0, two plus padding in row 1)."""
+def attention_mask(B: int, T: int, mode: str) -> torch.Tensor | None:
+    """The doc_ids argument for: no masking; a bool key-padding mask (row 1 ends in 5 padding
+    tokens); packed documents (ids 1, 2, 3 in row 0; 1, 2 and the same padding in row 1)."""
     if mode == "none":
-        return None, None
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, T - 5 :] = False
+        return None
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1, T - 5 :] = False
     if mode == "padding":
-        return mask, None
-    docs = torch.zeros(B, T, dtype=torch.int32)
-    docs[0, T // 3 :] = 1
-    docs[0, 2 * T // 3 :] = 2
-    docs[1, T // 2 :] = 1
-    return mask, docs
+        return real
+    docs = torch.ones(B, T, dtype=torch.int32)
+    docs[0, T // 3 :] = 2
+    docs[0, 2 * T // 3 :] = 3
+    docs[1, T // 2 :] = 2
+    return docs * real
 
 
-def run_attention(q, k, v, mask, docs, do, fn):
+def run_attention(q, k, v, ids, do, fn):
     """Output and (dq, dk, dv) of fn on fresh leaves."""
     qkv = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    o = fn(*qkv, mask, docs)
+    o = fn(*qkv, ids)
     o.backward(do)
     return o, [t.grad for t in qkv]
 
@@ -189,11 +189,11 @@ def test_flash_attention_matches_reference(dtype: torch.dtype, T: int, hd: int, 
     torch.manual_seed(0)
     B, nh = 2, 2
     q, k, v, do = (torch.randn(B, nh, T, hd, dtype=dtype) for _ in range(4))
-    mask, docs = attention_masks(B, T, mode)
+    ids = attention_mask(B, T, mode)
 
-    o, grads = run_attention(q, k, v, mask, docs, do, K.flash_attention)
+    o, grads = run_attention(q, k, v, ids, do, K.flash_attention)
     want = fp32_leaves(q, k, v)
-    o_ref = R.flash_attention(*want, mask, docs)
+    o_ref = R.flash_attention(*want, ids)
     o_ref.backward(do.float())
 
     assert o.shape == q.shape and o.dtype == dtype
@@ -201,8 +201,8 @@ def test_flash_attention_matches_reference(dtype: torch.dtype, T: int, hd: int, 
     assert_close(o, o_ref, dtype, "o")
     for name, g, w in zip("qkv", grads, want):
         assert_close(g, w.grad, dtype, f"grad {name}")
-    if mask is not None:
-        pad = ~mask[:, None, :, None]  # (B, 1, T, 1)
+    if ids is not None:
+        pad = (ids == 0)[:, None, :, None]  # (B, 1, T, 1)
         # Padding queries pass no gradient; padding keys / values receive none.
         for g in grads:
             assert (g.masked_select(pad) == 0).all()
@@ -215,14 +215,16 @@ def test_flash_attention_ignores_padding_and_other_documents() -> None:
     torch.manual_seed(0)
     B, nh, T, hd = 2, 2, 37, 32
     q, k, v = (torch.randn(B, nh, T, hd) for _ in range(3))
-    mask, docs = attention_masks(B, T, "docs")
-    o = K.flash_attention(q, k, v, mask, docs)
+    docs = attention_mask(B, T, "docs")
+    o = K.flash_attention(q, k, v, docs)
     for b in range(B):
-        for d in docs[b][mask[b]].unique().tolist():
-            idx = ((docs[b] == d) & mask[b]).nonzero().squeeze(1)
+        for d in docs[b].unique().tolist():
+            if d == 0:
+                continue
+            idx = (docs[b] == d).nonzero().squeeze(1)
             alone = K.flash_attention(q[b : b + 1, :, idx], k[b : b + 1, :, idx], v[b : b + 1, :, idx])
             torch.testing.assert_close(o[b : b + 1, :, idx], alone, rtol=1e-5, atol=1e-5)
-    assert (o[1, :, ~mask[1]] == 0).all()  # padding queries: zero rows
+    assert (o[1, :, docs[1] == 0] == 0).all()  # padding queries: zero rows
 
 
 @needs_triton
@@ -237,15 +239,28 @@ def test_flash_attention_strided_inputs_and_output_layout() -> None:
     assert o.transpose(1, 2).is_contiguous()  # so (B, T, nh * hd) is a free view
 
 
+@needs_triton
+def test_flash_attention_positional_scale_and_01_mask() -> None:
+    # As the model calls it: a 0/1 int32 padding mask and the scale, both positional.
+    torch.manual_seed(0)
+    B, nh, T, hd = 2, 2, 16, 32
+    q, k, v = (torch.randn(B, nh, T, hd) for _ in range(3))
+    ids = attention_mask(B, T, "padding").to(torch.int32)
+    o = K.flash_attention(q, k, v, ids, 0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=ids.bool()[:, None, None, :], scale=0.3)
+    real = ids.bool()[:, None, :, None].expand_as(o)
+    torch.testing.assert_close(o[real], want[real], rtol=1e-5, atol=1e-5)
+
+
 def test_reference_attention_matches_sdpa() -> None:
     torch.manual_seed(0)
     B, nh, T, hd = 2, 2, 37, 32
     q, k, v = (torch.randn(B, nh, T, hd) for _ in range(3))
-    mask, docs = attention_masks(B, T, "docs")
-    allowed = (docs[:, :, None] == docs[:, None, :]) & mask[:, None, :]  # (B, T, T)
+    docs = attention_mask(B, T, "docs")
+    allowed = (docs[:, :, None] == docs[:, None, :]) & (docs != 0)[:, None, :]  # (B, T, T)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
-    got = R.flash_attention(q, k, v, mask, docs)
-    real = mask[:, None, :, None].expand_as(got)
+    got = R.flash_attention(q, k, v, docs)
+    real = (docs != 0)[:, None, :, None].expand_as(got)
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
     assert (got[~real] == 0).all()
 
@@ -347,11 +362,11 @@ def op_cases() -> dict:
     def rg(*shape: int) -> torch.Tensor:
         return torch.randn(*shape).requires_grad_()
 
-    seg = R.segment_ids(*attention_masks(2, 16, "docs"))
+    docs = attention_mask(2, 16, "docs")
     return {
         "add_layer_norm": (ops.add_layer_norm, (rg(2, 3, 64), rg(2, 3, 64), rg(64), rg(64), 1e-5)),
         "bias_gelu": (ops.bias_gelu, (rg(2, 3, 64), rg(64))),
-        "flash_attention": (ops.flash_attention, (rg(2, 2, 16, 32), rg(2, 2, 16, 32), rg(2, 2, 16, 32), seg, 0.2)),
+        "flash_attention": (ops.flash_attention, (rg(2, 2, 16, 32), rg(2, 2, 16, 32), rg(2, 2, 16, 32), docs, 0.2)),
         "linear_cross_entropy": (
             ops.linear_cross_entropy,
             (rg(10, 16), rg(30, 16), rg(30), torch.randint(0, 30, (10,)), -100, 4),
@@ -378,8 +393,8 @@ def compile_case(name: str):
         inputs = [torch.randn(6, 32), torch.randn(64, 32), torch.randn(64)]
         return (lambda x, w, b: K.bias_gelu(x @ w.T, b)), inputs
     if name == "flash_attention":
-        mask, docs = attention_masks(2, 16, "docs")
-        return (lambda q, k, v: K.flash_attention(q, k, v, mask, docs).transpose(1, 2).reshape(2, 16, 64)), [
+        docs = attention_mask(2, 16, "docs")
+        return (lambda q, k, v: K.flash_attention(q, k, v, docs).transpose(1, 2).reshape(2, 16, 64)), [
             torch.randn(2, 2, 16, 32) for _ in range(3)
         ]
     labels = torch.randint(0, 30, (10,))

@@ -4,7 +4,7 @@ Four functions, each a thin wrapper that picks an implementation:
 
     add_layer_norm(x, residual, weight, bias, eps)     LayerNorm(x + residual), post-LN step
     bias_gelu(x, bias)                                 exact-erf GELU of x + bias
-    flash_attention(q, k, v, key_padding_mask, doc_ids, scale)   softmax(q k^T) v, masked
+    flash_attention(q, k, v, doc_ids, scale)           softmax(q k^T * scale) v, masked
     linear_cross_entropy(hidden, weight, bias, labels)  MLM decoder + loss, chunked
 
 The first three are Triton kernels wrapped as custom ops (`minibert.kernels.ops`, namespace
@@ -98,7 +98,6 @@ def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
@@ -106,12 +105,13 @@ def flash_attention(
 
     q, k, v: (B, nh, T, hd), one dtype (fp32, bf16 or fp16), hd a power of two in 16..256
     (MiniLM uses 32, BERT 64). scale defaults to 1/sqrt(hd).
-    key_padding_mask: (B, T) bool, True = real token; None = no padding.
-    doc_ids: (B, T) ints >= 0, the document of each token in a packed row; token i then
-        attends j only if both are in the same document and j is real (block-diagonal mask).
-    A padding query (or one with no visible key) gets a zero output row and passes no
-    gradient. Returns (B, nh, T, hd); on the Triton path it is a view of a (B, T, nh, hd)
-    buffer, so `o.transpose(1, 2).reshape(B, T, nh * hd)` costs no copy.
+    doc_ids: (B, T) ints, 0 = padding, else the document each token belongs to in a packed
+        row: token i attends token j iff doc_ids[i] == doc_ids[j] != 0 (block-diagonal mask).
+        A key-padding mask (B, T) with True/1 = real token is the one-document case and is
+        passed as is. None: every token sees every token.
+    A padding query (one that sees no key) gets a zero output row and passes no gradient.
+    Returns (B, nh, T, hd); on the Triton path it is a view of a (B, T, nh, hd) buffer, so
+    `o.transpose(1, 2).reshape(B, T, nh * hd)` costs no copy.
     """
     B, nh, T, hd = q.shape
     if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -119,13 +119,13 @@ def flash_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(hd)
     if not uses_triton(q):
-        return reference.flash_attention(q, k, v, key_padding_mask, doc_ids, scale)
+        return reference.flash_attention(q, k, v, doc_ids, scale)
     if hd not in _HEAD_DIMS:
         raise ValueError(f"flash_attention kernel takes head dims {_HEAD_DIMS}, got {hd}")
     # The kernels index the head dim as contiguous; any other layout is copied once.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    seg = reference.segment_ids(key_padding_mask, doc_ids)
-    return ops.flash_attention(q, k, v, seg, scale)[0]
+    ids = None if doc_ids is None else doc_ids.to(torch.int32)  # bool mask: True -> 1, False -> 0
+    return ops.flash_attention(q, k, v, ids, scale)[0]
 
 
 def linear_cross_entropy(

@@ -18,10 +18,10 @@ deterministic) at the price of computing P twice.
 Exponentials are taken base 2 (exp2 is one hardware instruction): scores are multiplied by
 scale * log2(e) once, and lse is converted between natural log and log2 where it is used.
 
-Masking. `seg` (B, T) int32 holds a segment id per token, -1 for padding (see
-reference.segment_ids): query i sees key j iff seg[i] == seg[j] and seg[j] >= 0. A query
-that sees nothing (padding) ends with l = 0: its output is written as 0 and its lse as +inf,
-so in the backward its P = exp(S - inf) = 0 and it adds nothing to any gradient.
+Masking. `doc_ids` (B, T) int32 holds a document id per token, 0 for padding: query i sees
+key j iff doc_ids[i] == doc_ids[j] != 0. A query that sees nothing (padding) ends with l = 0:
+its output is written as 0 and its lse as +inf, so in the backward its P = exp(S - inf) = 0
+and it adds nothing to any gradient.
 """
 
 from __future__ import annotations
@@ -54,33 +54,33 @@ def _store_tile(ptr, idx, stride_t, T, x, HEAD_DIM: tl.constexpr, INTERP_BF16: t
 
 
 @triton.jit
-def _load_seg(Seg, b, idx, T, HAS_SEG: tl.constexpr):
-    """Segment ids of tokens idx in row b (-1 past the end); idx itself when unmasked, where
-    the value is never read."""
-    if HAS_SEG:
-        return tl.load(Seg + b * T + idx, mask=idx < T, other=-1)
+def _load_doc(Doc, b, idx, T, HAS_DOCS: tl.constexpr):
+    """Document ids of tokens idx in row b (0, padding, past the end); idx itself when
+    unmasked, where the value is never read."""
+    if HAS_DOCS:
+        return tl.load(Doc + b * T + idx, mask=idx < T, other=0)
     return idx
 
 
 @triton.jit
-def _allowed(rows, cols, seg_q, seg_k, T, HAS_SEG: tl.constexpr):
-    """(len(rows), len(cols)) bool: query row may see key col (in range, and with seg: same
-    segment and a real key)."""
+def _allowed(rows, cols, doc_q, doc_k, T, HAS_DOCS: tl.constexpr):
+    """(len(rows), len(cols)) bool: query row may see key col (in range and, with doc ids,
+    the same document and a real key)."""
     ok = (rows < T)[:, None] & (cols < T)[None, :]
-    if HAS_SEG:
-        ok = ok & (seg_q[:, None] == seg_k[None, :]) & (seg_k >= 0)[None, :]
+    if HAS_DOCS:
+        ok = ok & (doc_q[:, None] == doc_k[None, :]) & (doc_k != 0)[None, :]
     return ok
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Seg, O, LSE,
+    Q, K, V, Doc, O, LSE,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     n_heads, T, qk_scale,
-    HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     # Grid: (query blocks, B * nh). One program owns BLOCK_M query rows of one head.
@@ -94,7 +94,7 @@ def _attn_fwd_kernel(
 
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     q = _load_tile(Q, rows, stride_qt, T, HEAD_DIM)  # (BLOCK_M, HEAD_DIM)
-    seg_q = _load_seg(Seg, b, rows, T, HAS_SEG)
+    doc_q = _load_doc(Doc, b, rows, T, HAS_DOCS)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -103,10 +103,10 @@ def _attn_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K, cols, stride_kt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
         v = _load_tile(V, cols, stride_vt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
-        seg_k = _load_seg(Seg, b, cols, T, HAS_SEG)
+        doc_k = _load_doc(Doc, b, cols, T, HAS_DOCS)
 
         s = dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(_allowed(rows, cols, seg_q, seg_k, T, HAS_SEG), s, float("-inf"))
+        s = tl.where(_allowed(rows, cols, doc_q, doc_k, T, HAS_DOCS), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no allowed key yet has m_new = -inf; subtracting it would give
         # -inf - -inf = NaN, so such rows subtract 0 instead (all their s are -inf anyway).
@@ -146,7 +146,7 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, Seg, DO, LSE, Delta, DK, DV,
+    Q, K, V, Doc, DO, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -154,7 +154,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     n_heads, T, scale, qk_scale,
-    HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     # Grid: (key blocks, B * nh). Works in the transposed frame (keys as rows) so dK and dV
@@ -174,7 +174,7 @@ def _attn_bwd_dkdv_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
     k = _load_tile(K, cols, stride_kt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
     v = _load_tile(V, cols, stride_vt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
-    seg_k = _load_seg(Seg, b, cols, T, HAS_SEG)
+    doc_k = _load_doc(Doc, b, cols, T, HAS_DOCS)
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
@@ -184,12 +184,12 @@ def _attn_bwd_dkdv_kernel(
         do = _load_tile(DO, rows, stride_dot, T, HEAD_DIM)  # (BLOCK_M, HEAD_DIM)
         lse2 = tl.load(LSE + rows, mask=rows < T, other=float("inf")) * _LOG2E
         delta = tl.load(Delta + rows, mask=rows < T, other=0.0)
-        seg_q = _load_seg(Seg, b, rows, T, HAS_SEG)
+        doc_q = _load_doc(Doc, b, rows, T, HAS_DOCS)
 
         s_t = dot(k, tl.trans(q), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
         allowed_t = (cols < T)[:, None] & (rows < T)[None, :]  # (BLOCK_N, BLOCK_M)
-        if HAS_SEG:
-            allowed_t = allowed_t & (seg_k[:, None] == seg_q[None, :]) & (seg_k >= 0)[:, None]
+        if HAS_DOCS:
+            allowed_t = allowed_t & (doc_k[:, None] == doc_q[None, :]) & (doc_k != 0)[:, None]
         p_t = tl.where(allowed_t, tl.exp2(s_t - lse2[None, :]), 0.0)  # P^T
         dv += dot(round_bf16(p_t, INTERP_BF16).to(do.dtype), do, DOT_PRECISION, INTERP_BF16)
         dp_t = dot(v, tl.trans(do), DOT_PRECISION, INTERP_BF16)  # dP^T: (BLOCK_N, BLOCK_M)
@@ -202,14 +202,14 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, Seg, DO, LSE, Delta, DQ,
+    Q, K, V, Doc, DO, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot,
     stride_dqb, stride_dqh, stride_dqt,
     n_heads, T, scale, qk_scale,
-    HAS_SEG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     # Grid: (query blocks, B * nh). dQ = scale * dS K, summed over key blocks.
@@ -227,17 +227,17 @@ def _attn_bwd_dq_kernel(
     do = _load_tile(DO, rows, stride_dot, T, HEAD_DIM)  # (BLOCK_M, HEAD_DIM)
     lse2 = tl.load(LSE + bh * T + rows, mask=rows < T, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + bh * T + rows, mask=rows < T, other=0.0)
-    seg_q = _load_seg(Seg, b, rows, T, HAS_SEG)
+    doc_q = _load_doc(Doc, b, rows, T, HAS_DOCS)
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(K, cols, stride_kt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
         v = _load_tile(V, cols, stride_vt, T, HEAD_DIM)  # (BLOCK_N, HEAD_DIM)
-        seg_k = _load_seg(Seg, b, cols, T, HAS_SEG)
+        doc_k = _load_doc(Doc, b, cols, T, HAS_DOCS)
 
         s = dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
-        allowed = _allowed(rows, cols, seg_q, seg_k, T, HAS_SEG)
+        allowed = _allowed(rows, cols, doc_q, doc_k, T, HAS_DOCS)
         p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v), DOT_PRECISION, INTERP_BF16)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
@@ -280,14 +280,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _dummy_seg(seg: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    if seg is None:
+def _doc_arg(doc_ids: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    if doc_ids is None:
         return torch.empty(1, dtype=torch.int32, device=like.device), False
-    return seg.to(torch.int32).contiguous(), True
+    return doc_ids.to(torch.int32).contiguous(), True
 
 
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns o (B, nh, T, hd) and lse (B, nh, T) fp32.
 
@@ -296,14 +296,14 @@ def attention_fwd(
     B, nh, T, hd = q.shape
     o = torch.empty((B, T, nh, hd), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, T, hd)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
-    seg_t, has_seg = _dummy_seg(seg, q)
+    doc_t, has_docs = _doc_arg(doc_ids, q)
     cfg = _config(hd, q.device, backward=False)
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * nh)
     _attn_fwd_kernel[grid](
-        q, k, v, seg_t, o, lse,
+        q, k, v, doc_t, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         nh, T, scale * 1.4426950408889634,  # log2(e): scores in base-2 units
-        HAS_SEG=has_seg, HEAD_DIM=hd, **_dot_args(q), **cfg,
+        HAS_DOCS=has_docs, HEAD_DIM=hd, **_dot_args(q), **cfg,
     )
     return o, lse
 
@@ -313,7 +313,7 @@ def attention_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    seg: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
     o: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
@@ -322,7 +322,7 @@ def attention_bwd(
     B, nh, T, hd = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    seg_t, has_seg = _dummy_seg(seg, q)
+    doc_t, has_docs = _doc_arg(doc_ids, q)
     cfg = _config(hd, q.device, backward=True)
 
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
@@ -336,15 +336,15 @@ def attention_bwd(
     dv = torch.empty_like(v)
     qk_scale = scale * 1.4426950408889634
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * nh)](
-        q, k, v, seg_t, do, lse, delta, dk, dv,
+        q, k, v, doc_t, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         nh, T, scale, qk_scale,
-        HAS_SEG=has_seg, HEAD_DIM=hd, **_dot_args(q), **cfg,
+        HAS_DOCS=has_docs, HEAD_DIM=hd, **_dot_args(q), **cfg,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * nh)](
-        q, k, v, seg_t, do, lse, delta, dq,
+        q, k, v, doc_t, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         nh, T, scale, qk_scale,
-        HAS_SEG=has_seg, HEAD_DIM=hd, **_dot_args(q), **cfg,
+        HAS_DOCS=has_docs, HEAD_DIM=hd, **_dot_args(q), **cfg,
     )
     return dq, dk, dv

@@ -129,16 +129,19 @@ bias_gelu.register_autograd(_bias_gelu_grad, setup_context=_bias_gelu_setup)
 
 @torch.library.custom_op("minibert::flash_attention", mutates_args=())
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, scale: float
+    q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    """q, k, v (B, nh, T, hd); seg (B, T) int32 segment ids or None. Returns o and lse (B, nh, T)."""
+    """q, k, v (B, nh, T, hd); doc_ids (B, T) int32 with 0 = padding, or None.
+    Returns o (B, nh, T, hd) and the fp32 logsumexp of each query's scores (B, nh, T)."""
     from . import _triton_attention
 
-    return _triton_attention.attention_fwd(q, k, v, seg, scale)
+    return _triton_attention.attention_fwd(q, k, v, doc_ids, scale)
 
 
 @flash_attention.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def _(
+    q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
     B, nh, T, hd = q.shape
     o = q.new_empty((B, T, nh, hd)).transpose(1, 2)  # (B, nh, T, hd), the kernel's layout
     return o, q.new_empty((B, nh, T), dtype=torch.float32)
@@ -146,31 +149,45 @@ def _(q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, scale: float) -> tupl
 
 @torch.library.custom_op("minibert::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, o: Tensor, lse: Tensor, scale: float
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    doc_ids: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from . import _triton_attention
 
-    return _triton_attention.attention_bwd(do, q, k, v, seg, o, lse, scale)
+    return _triton_attention.attention_bwd(do, q, k, v, doc_ids, o, lse, scale)
 
 
 @flash_attention_backward.register_fake
 def _(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, seg: Tensor | None, o: Tensor, lse: Tensor, scale: float
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    doc_ids: Tensor | None,
+    o: Tensor,
+    lse: Tensor,
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _flash_attention_setup(ctx, inputs, output) -> None:
-    q, k, v, seg, scale = inputs
+    q, k, v, doc_ids, scale = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, seg, o, lse)
+    ctx.save_for_backward(q, k, v, doc_ids, o, lse)
     ctx.scale = scale
 
 
 def _flash_attention_grad(ctx, do: Tensor, _dlse: Tensor):
-    q, k, v, seg, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attention_backward(do, q, k, v, seg, o, lse, ctx.scale)
+    q, k, v, doc_ids, o, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(do, q, k, v, doc_ids, o, lse, ctx.scale)
     return dq, dk, dv, None, None
 
 

@@ -39,55 +39,35 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.gelu(u, approximate="none").to(x.dtype)
 
 
-def segment_ids(
-    key_padding_mask: torch.Tensor | None, doc_ids: torch.Tensor | None
-) -> torch.Tensor | None:
-    """Fold a padding mask and document ids into one (B, T) int32 "segment" per token.
-
-    Token i may attend to token j iff seg[i] == seg[j] and seg[j] >= 0. Padding gets -1, so a
-    padding key is never attended and a padding query attends nothing (its output is zero).
-    Without doc ids every real token is in segment 0. None means no masking at all.
-    """
-    if key_padding_mask is None and doc_ids is None:
-        return None
-    if doc_ids is None:
-        seg = torch.zeros(key_padding_mask.shape, dtype=torch.int32, device=key_padding_mask.device)
-    else:
-        seg = doc_ids.to(torch.int32)
-    if key_padding_mask is not None:
-        seg = torch.where(key_padding_mask.bool(), seg, torch.full_like(seg, -1))
-    return seg
-
-
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for q, k, v of shape (B, nh, T, hd), computed in fp32.
 
-    key_padding_mask (B, T) bool, True = real token; doc_ids (B, T) ints >= 0 for packed rows
-    (a token sees only real tokens of its own document). A query that may see no key at all
+    doc_ids (B, T): 0 = padding, else the document each token belongs to; token i sees token
+    j iff doc_ids[i] == doc_ids[j] != 0 (a block-diagonal mask for packed rows). A padding
+    mask with 1/True = real token is the one-document case. A query that sees no key at all
     (a padding query) gets an all-zero output row rather than the NaN a plain softmax gives.
     """
-    B, nh, T, hd = q.shape
+    hd = q.shape[-1]
     if scale is None:
         scale = 1.0 / math.sqrt(hd)
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, nh, T, T)
-    seg = segment_ids(key_padding_mask, doc_ids)
-    if seg is not None:
-        allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # (B, T, T)
+    if doc_ids is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        ids = doc_ids.to(torch.int32)
+        allowed = (ids[:, :, None] == ids[:, None, :]) & (ids[:, None, :] != 0)  # (B, T, T)
         allowed = allowed[:, None, :, :]  # (B, 1, T, T), shared by the heads
-        scores = scores.masked_fill(~allowed, float("-inf"))
         # A row with no allowed key would be softmax of all -inf = NaN; give it zeros instead.
         has_key = allowed.any(dim=-1, keepdim=True)  # (B, 1, T, 1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         scores = torch.where(has_key, scores, torch.zeros_like(scores))
         probs = torch.softmax(scores, dim=-1) * has_key
-    else:
-        probs = torch.softmax(scores, dim=-1)
     return (probs @ v.float()).to(q.dtype)
 
 
