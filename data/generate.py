@@ -16,7 +16,7 @@ What makes the corpus learnable (and not just noise) for a tiny BERT:
   so a masked name, year or product can be recovered from elsewhere in the document;
 - sentences come in a fixed order for each kind (birth before career before death,
   first step before next step), so "does B follow A" is decidable from content;
-- words come in collocations (knead the dough, glaze the pot, herons nest in reeds),
+- words come in collocations (knead the dough, fire it in a kiln, reed animals live in reed beds),
   with agreement (he/his, a/an, singular/plural verbs);
 - there are hundreds of names and many templates per slot, so nothing is memorized whole.
 
@@ -335,6 +335,8 @@ FILM_GENRES = [
                  "the disappearance of an heir"], ["puzzled", "clever"]),
 ]
 
+IMPRESSIONS = ["finer than I expected", "smaller than I expected", "worth the journey", "rather grey in the rain"]
+FORM_BEFORE_MATCH = ["top of the league", "near the bottom of the table", "unbeaten at home", "without their captain"]
 TEAM_NAMES = ["Rovers", "United", "Athletic", "Wanderers", "Harriers", "Rangers", "Town", "Albion", "City", "Villa"]
 GOAL_STYLES = ["with a low shot from {n} yards", "with a header from a corner", "from the penalty spot",
                "following a long run down the wing", "with a volley from the edge of the box", "from a free kick"]
@@ -342,6 +344,48 @@ GOAL_STYLES = ["with a low shot from {n} yards", "with a header from a corner", 
 # --------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------
+
+
+class Rng:
+    """Seeded randomness built on `random.Random.random()` alone.
+
+    Python promises that only `random()` (with a str or int seed) gives the same sequence
+    in every version; `choice`, `sample`, `shuffle` and friends may change between
+    releases. The committed files must be reproducible on any Python the project
+    supports, so the few draws we need are written here on top of `random()`.
+    """
+
+    def __init__(self, seed: str) -> None:
+        self._random = random.Random(seed)
+
+    def random(self) -> float:
+        return self._random.random()
+
+    def randrange(self, start: int, stop: int | None = None) -> int:
+        if stop is None:
+            start, stop = 0, start
+        return start + int(self.random() * (stop - start))
+
+    def randint(self, low: int, high: int) -> int:
+        return self.randrange(low, high + 1)
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.random()
+
+    def choice(self, items):
+        return items[self.randrange(len(items))]
+
+    def shuffle(self, items: list) -> None:
+        for i in range(len(items) - 1, 0, -1):  # Fisher-Yates, in place
+            j = self.randrange(i + 1)
+            items[i], items[j] = items[j], items[i]
+
+    def sample(self, population, k: int) -> list:
+        pool = list(population)
+        for i in range(k):  # a partial Fisher-Yates: the first k slots are the sample
+            j = self.randrange(i, len(pool))
+            pool[i], pool[j] = pool[j], pool[i]
+        return pool[:k]
 
 
 def article(word: str) -> str:
@@ -427,7 +471,7 @@ class Person:
 class World:
     """Random draws of names and places, all from one seeded generator."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: Rng) -> None:
         self.rng = rng
         self.towns = [h + t for h in TOWN_HEADS for t in TOWN_TAILS]
         self.surnames = [h + t for h in SURNAME_HEADS for t in SURNAME_TAILS]
@@ -489,7 +533,7 @@ class World:
         return f"{self.rng.randint(1, 28)} {self.choice(MONTHS)} {year}"
 
 
-def pick(rng: random.Random, *templates: str) -> str:
+def pick(rng: Rng, *templates: str) -> str:
     return rng.choice(templates)
 
 
@@ -497,7 +541,7 @@ def pick(rng: random.Random, *templates: str) -> str:
 Document = list[list[str]]
 
 
-def chunk(rng: random.Random, sentences: list[str]) -> Document:
+def chunk(rng: Rng, sentences: list[str]) -> Document:
     """Split a document's sentences into 1-3 paragraphs at random points, order kept."""
     n = len(sentences)
     n_paragraphs = min(n, rng.choice([1, 1, 2, 2, 3]))
@@ -515,6 +559,7 @@ def chunk(rng: random.Random, sentences: list[str]) -> Document:
 def doc_town(w: World) -> list[str]:
     r = w.rng
     town, region, river = w.town(), w.region(), w.river()
+    river_name = next(word for word in river.split() if word in RIVERS)
     neighbour, far = w.towns_distinct(2)
     ind = w.choice(INDUSTRIES)
     product, product2 = r.sample(ind.products, 2)
@@ -537,9 +582,9 @@ def doc_town(w: World) -> list[str]:
         f"{town} lies on {river}, at the heart of {region}."))
     if w.maybe(0.8):
         s.append(pick(r,
-        f"It has a population of about {pop:,} people.",
-        f"At the last count, {pop:,} people lived in {town}.",
-        f"Around {pop:,} people live in {town} and on nearby farms."))
+            f"It has a population of about {pop:,} people.",
+            f"At the last count, {pop:,} people lived in {town}.",
+            f"Around {pop:,} people live in {town} and on nearby farms."))
     s.append(pick(r,
         f"{town} was founded in {founded} by {founder.full}, who built its first {ind.workplace} beside {river}.",
         f"According to local records, {founder.full} founded {town} in {founded}.",
@@ -550,7 +595,8 @@ def doc_town(w: World) -> list[str]:
         f"Like many places in {region}, {town} grew rich on {ind.name}."))
     if w.maybe(0.8):
         s.append(pick(r,
-            f"By {boom} there were {number_word(n_work)} {plural(ind.workplace)} in {town}, employing about {n_work * r.randint(8, 30):,} {ind.workers}.",
+            f"By {boom} there were {number_word(n_work)} {plural(ind.workplace)} in {town}, "
+            f"employing about {n_work * r.randint(8, 30):,} {ind.workers}.",
             f"In {boom}, {town} had {number_word(n_work)} working {plural(ind.workplace)}, and most families had a member among its {ind.workers}.",
             f"Trade peaked around {boom}, when {town}'s {ind.workers} made more {product} than any other {kind} in {region}."))
     if w.maybe(0.7):
@@ -575,9 +621,10 @@ def doc_town(w: World) -> list[str]:
             f"\"People come for our {product} and stay for our {pick(r, 'walks', 'views', 'quiet', 'café')},\" {mayor.short} told a visitor."))
     if w.maybe(0.8):
         s.append(pick(r,
-        f"Today, {town} also draws walkers, e.g. those following {river} on foot to {far}.",
-        f"Today, only {number_word(r.randint(1, 3))} old {plural(ind.workplace)} are still open, and {town} depends more on visitors.",
-        f"Today the {kind} is quieter, but {ind.name} is still remembered in its street names, e.g. {cap(ind.workplace)} Lane and {river.split()[-2]} Street."))
+            f"Today, {town} also draws walkers, e.g. those following {river} on foot to {far}.",
+            f"Today, only {number_word(r.randint(1, 3))} old {plural(ind.workplace)} are still open, and {town} depends more on visitors.",
+            f"Today the {kind} is quieter, but {ind.name} is still remembered in its street names, "
+            f"e.g. {cap(ind.workplace)} Lane and {river_name} Street."))
     return s
 
 
@@ -604,9 +651,9 @@ def doc_person(w: World) -> list[str]:
         f"{p.first} {p.last} was born on {w.date(born)} in {home}, and became one of the best known {prof.noun}s of {his} time."))
     if w.maybe(0.8):
         s.append(pick(r,
-        f"{He} was the {w.choice(ORDINALS[:4])} child of {parent}, and showed an early interest in {prof.field}.",
-        f"{his.capitalize()} father was {parent}, who hoped {p.he} would follow him into the family trade.",
-        f"As a child {p.he} spent long hours alone, and {his} mother, {parent}, encouraged {his} interest in {prof.field}."))
+            f"{He} was the {w.choice(ORDINALS[:4])} child of {parent}, and showed an early interest in {prof.field}.",
+            f"{his.capitalize()} father was {parent}, who hoped {p.he} would follow him into the family trade.",
+            f"As a child {p.he} spent long hours alone, and {his} mother, {parent}, encouraged {his} interest in {prof.field}."))
     if w.maybe(0.8):
         s.append(pick(r,
             f"At the age of {r.randint(14, 19)}, {p.he} went to {study_town} to study {prof.school} under {teacher.full}.",
@@ -708,7 +755,8 @@ def doc_animal(w: World) -> list[str]:
             f"The oldest known {noun} lived for {life} year{'s' if life > 1 else ''}."))
     s.append(pick(r,
         f"{cap(the_species)} is {w.choice(['common', 'not rare', 'rare', 'declining'])} in {region}, but the loss of {places} has reduced its range.",
-        f"Numbers of {species_pl} have {w.choice(['fallen', 'risen', 'stayed steady'])} since {r.randint(1950, 2010)}, and a survey is made every {number_word(r.randint(2, 10))} years.",
+        f"Numbers of {species_pl} have {w.choice(['fallen', 'risen', 'stayed steady'])} since "
+        f"{r.randint(1950, 2010)}, and a survey is made every {number_word(r.randint(2, 10))} years.",
         f"Local groups near {town} count the {species_pl} each {w.choice(MONTHS)} to follow their numbers."))
     return s
 
@@ -785,26 +833,27 @@ def doc_trip(w: World) -> list[str]:
         f"This is an account of a trip that {p.full} made from {start} in {month} {year}."))
     if w.maybe(0.8):
         s.append(pick(r,
-        f"{He} carried only a small bag, a map and a notebook.",
-        f"{He} wanted to see {join_and(stops)} before the end of the month.",
-        f"{his.capitalize()} plan was to travel slowly and to stay at inns along the way."))
+            f"{He} carried only a small bag, a map and a notebook.",
+            f"{He} wanted to see {join_and(stops)} before the end of the month.",
+            f"{his.capitalize()} plan was to travel slowly and to stay at inns along the way."))
     day = 1
     prev = start
     for i, stop in enumerate(stops):
         mode = w.choice(modes)
         hours = r.randint(1, 9)
         if i == 0:
-            s.append(f"On the first day {p.he} travelled {mode} from {prev} to {stop}, which took {number_word(hours)} hour{'s' if hours > 1 else ''}.")
+            s.append(f"On the first day {p.he} travelled {mode} from {prev} to {stop}, "
+                     f"which took {number_word(hours)} hour{'s' if hours > 1 else ''}.")
         else:
             s.append(pick(r,
                 f"On the {ORDINALS[min(day - 1, 7)]} day {p.he} travelled {mode} to {stop}.",
                 f"From {prev} {p.he} continued {mode} to {stop}, a journey of {hours} hour{'s' if hours > 1 else ''}.",
-                f"After {number_word(day - 1)} days in {prev}, {p.he} left {mode} for {stop}."))
+                f"After {number_word(day - 1)} day{'s' if day > 2 else ''} in {prev}, {p.he} left {mode} for {stop}."))
         if r.random() < 0.8:
             dish = w.choice(DISHES)
             s.append(pick(r,
                 f"In {stop} {p.he} stayed at the {w.choice(TITLE_NOUNS)} Inn and ate {w.choice(dish.mains)} {dish.kind} for supper.",
-                f"{He} walked to {w.landmark()} in {stop} and wrote that it was \"{w.choice(['finer than I expected', 'smaller than I expected', 'worth the journey', 'rather grey in the rain'])}\".",
+                f"{He} walked to {w.landmark()} in {stop} and wrote that it was \"{w.choice(IMPRESSIONS)}\".",
                 f"The weather in {stop} was {w.choice(['cold', 'wet', 'clear', 'warm', 'windy'])}, so {p.he} spent the afternoon in the museum."))
         day += r.randint(1, 3)
         prev = stop
@@ -931,7 +980,7 @@ def doc_match(w: World) -> list[str]:
         f"The match between {home} and {away} was played on {date} {weather}."))
     if w.maybe(0.6):
         s.append(pick(r,
-            f"{home} were {w.choice(['top of the league', 'near the bottom of the table', 'unbeaten at home', 'without their captain'])} before the game.",
+            f"{home} were {w.choice(FORM_BEFORE_MATCH)} before the game.",
             f"The crowd of {crowd:,} was the largest at the ground that season.",
             f"{away} had won the last {number_word(r.randint(2, 5))} meetings between the sides."))
     if not goals:
@@ -972,7 +1021,7 @@ DOCUMENT_KINDS: list[Callable[[World], list[str]]] = [
 ]
 
 
-def make_corpus(rng: random.Random, n_docs: int = N_DOCUMENTS) -> str:
+def make_corpus(rng: Rng, n_docs: int = N_DOCUMENTS) -> str:
     w = World(rng)
     docs = []
     for i in range(n_docs):
@@ -1129,7 +1178,7 @@ def make_review(w: World) -> tuple[list[str], int]:
     return sentence, int(score > 0)
 
 
-def make_sentiment(rng: random.Random) -> dict[str, list[tuple[str, int]]]:
+def make_sentiment(rng: Rng) -> dict[str, list[tuple[str, int]]]:
     w = World(rng)
     total = sum(SENTIMENT_SIZES.values())
     want_pos = round(total * POSITIVE_SHARE)
@@ -1161,8 +1210,8 @@ def write_all(out: Path, seed: int = SEED) -> list[Path]:
     """Write every generated file under `out`; returns the paths written."""
     # Separate generators per output so a change to the sentiment grammar leaves the
     # corpus bytes unchanged (and vice versa).
-    corpus = make_corpus(random.Random(f"{seed}-corpus"))
-    sentiment = make_sentiment(random.Random(f"{seed}-sentiment"))
+    corpus = make_corpus(Rng(f"{seed}-corpus"))
+    sentiment = make_sentiment(Rng(f"{seed}-sentiment"))
     written = []
     path = out / "corpus" / "default_corpus.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
