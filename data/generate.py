@@ -108,7 +108,7 @@ INDUSTRIES = [
 
 LANDMARKS = ["the old stone bridge", "the clock tower", "the covered market", "the town hall",
              "the lighthouse", "the corn exchange", "the public library", "the water mill",
-             "the castle ruins", "the railway station", "the botanical garden", "the old almshouses"]
+             "the ruined castle", "the railway station", "the botanical garden", "the old almshouse"]
 SAINTS = ["Aldric", "Bride", "Cuthman", "Elwin", "Hild", "Oswin", "Petroc", "Wenna", "Kea", "Ninian"]
 
 
@@ -713,6 +713,7 @@ def doc_animal(w: World) -> list[str]:
     # One draw sets both size and weight, so bigger animals of a kind are heavier.
     bigness = r.random()
     size = round(kind.size_cm[0] + bigness * (kind.size_cm[1] - kind.size_cm[0]))
+    size_word = "small" if bigness < 0.4 else ("medium-sized" if bigness < 0.75 else "large")
     weight = weight_text(round(kind.weight_g[0] + bigness ** 3 * (kind.weight_g[1] - kind.weight_g[0])))
     life = r.randint(*kind.life_years)
     brood = r.randint(*kind.brood)
@@ -722,7 +723,7 @@ def doc_animal(w: World) -> list[str]:
     year = r.randint(1790, 1990)
     s: list[str] = []
     s.append(pick(r,
-        f"{cap(the_species)} is a small {kind.name} found in {hab} across {region}.",
+        f"{cap(the_species)} is {article(size_word)} {size_word} {kind.name} found in {hab} across {region}.",
         f"{cap(the_species)} is {article(kind.name)} {kind.name} of {region}, where it lives in {hab}.",
         f"{cap(species_pl)} are {kind.name}s that live in {hab}, mostly in {region}."))
     if w.maybe(0.6):
@@ -1071,6 +1072,8 @@ DOMAINS = [
            ["dirty", "noisy", "crowded", "shabby", "rude", "dreary", "cramped"]),
 ]
 
+MASS_NOUNS = ["acting", "music", "pacing", "dialogue", "camera work", "humour", "service", "coffee",
+              "bread", "leather", "glaze", "stitching", "breakfast", "design", "finish", "colour", "staff"]
 VERDICTS_POS = ["worth every penny", "highly recommended", "a real treat", "i would happily go back",
                 "we will be back", "i ca n't wait to go back", "a joy from start to finish",
                 "not a waste of money", "never boring", "not without its charms",
@@ -1129,8 +1132,10 @@ def polar_clause(w: World, domain: Domain, positive: bool) -> list[str]:
     if form == 0:
         return ["the", *tokens(aspect), verb, *mod, *adj]
     if form == 1 and not negate and mod != ["so"]:
-        # "a lovely view", but "lovely rooms": plurals take no article.
-        det = [] if aspect.endswith("s") else [article(mod[0] if mod else adj[0])]
+        # "a lovely view", but "lovely rooms" and "lovely music": no article for plurals
+        # and mass nouns.
+        countable = not aspect.endswith("s") and aspect not in MASS_NOUNS
+        det = [article(mod[0] if mod else adj[0])] if countable else []
         return [*det, *mod, *adj, *tokens(aspect)]
     return ["the", *tokens(aspect), "is" if verb == "was" else "are", *mod, *adj]
 
