@@ -1,0 +1,276 @@
+"""The pretraining script end to end, on a tiny synthetic corpus and the tiny preset:
+kill -9 / Ctrl-C and --resume give the same weights as an uninterrupted run, 2-process DDP
+follows the 1-process curve, gradient accumulation equals a bigger batch, NaN stops the run,
+the output folder loads and scores like at the end of training, and bad input fails clearly.
+About a minute on 2 cores (most of it starting Python processes).
+
+The real-data acceptance run is in benchmarks/pretrain_results.md; the no-argument default
+run is `pytest -m slow tests/test_pretrain.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minibert import BertForPreTraining, pretrain
+from minibert.trainutil import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 40
+
+
+def make_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
+    """Documents of 2-9 sentences of made-up words."""
+    rng = random.Random(seed)
+    words = sorted({"".join(rng.choice(["ka", "lo", "mi", "ne", "tu", "ra", "si", "po"]) for _ in range(rng.randint(1, 4))) for _ in range(300)})
+    docs = [" ".join(" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "." for _ in range(rng.randint(2, 9))) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def cli(opts: dict, **changes) -> list[str]:
+    """{"batch_size": 8, "no_nsp": True} -> ["--batch-size", "8", "--no-nsp"]"""
+    out = []
+    for k, v in {**opts, **changes}.items():
+        if v is False or v is None:
+            continue
+        out += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("pretrain")
+    corpus = make_corpus(tmp / "corpus.txt", n_docs=300)
+    opts = dict(corpus=corpus, cache_dir=tmp / "cache", vocab_size=300, seq_len=32, batch_size=8, lr=2e-3, warmup=10,
+                max_steps=STEPS, save_every=5, eval_every=20, eval_size=48, log_every=1, threads=1)
+    return {"tmp": tmp, "opts": opts, "args": cli(opts)}
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minibert.pretrain", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def train_records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> Path:
+    """The uninterrupted run every interrupted one must reproduce."""
+    out = setup["tmp"] / "ref"
+    r = run_cli(setup["args"] + ["--out", str(out)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def start_and_wait(setup, out: Path, min_step: int) -> subprocess.Popen:
+    """Start a run and return once it has logged `min_step` (so it has saved a checkpoint) and is still going."""
+    proc = subprocess.Popen([sys.executable, "-m", "minibert.pretrain", *setup["args"], "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be interrupted: {proc.returncode}\n{proc.stderr.read()[-2000:]}")
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines()
+            if len(lines) >= 2 and json.loads(lines[-2])["step"] >= min_step:  # [-2]: the last line may be half written
+                return proc
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("the run did not reach the step to interrupt in time")
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference):
+    out = setup["tmp"] / "killed"
+    proc = start_and_wait(setup, out, min_step=12)
+    proc.send_signal(signal.SIGKILL)  # no chance to save anything: resume from the last periodic checkpoint
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert 10 <= saved < STEPS
+    r = run_cli(setup["args"] + ["--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'train_state.pt'} at step {saved}" in r.stdout
+    assert_same_weights(reference, out)
+    # metrics.jsonl reads as one run: the lines logged after the checkpoint by the killed run are gone
+    assert [x["loss"] for x in train_records(out)] == [x["loss"] for x in train_records(reference)]
+
+
+def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(setup, reference):
+    out = setup["tmp"] / "interrupted"
+    proc = start_and_wait(setup, out, min_step=7)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopped at step" in stdout
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert 7 <= saved < STEPS  # saved on the way out, not only at a multiple of --save-every
+    r = run_cli(setup["args"] + ["--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_weights(reference, out)
+
+
+def test_output_folder_loads_and_scores_as_at_the_end_of_training(setup, reference):
+    final = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["kind"] == "eval" and final["step"] == STEPS
+    model = BertForPreTraining.from_pretrained(reference)
+    assert model.load_report["initialised"] == []
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(reference)], "test", "")
+    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(reference), log=lambda *a: None)
+    res = pretrain.evaluate(model, data.eval_batches, data.baseline_id, "cpu")
+    for k in ("mlm_acc", "mlm_loss", "nsp_acc", "baseline_acc"):
+        assert res[k] == pytest.approx(final[k], abs=1e-6), k
+    assert final["loss"] < train_records(reference)[0]["loss"] - 0.3  # it learned (random words: no more than their frequencies)
+    # best/ holds the checkpoint with the lowest held-out loss, with its scores
+    best = json.loads((reference / "best" / "eval.json").read_text())
+    assert best["loss"] == min(r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval")
+    assert (reference / "curves.png").stat().st_size > 1000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_follow_the_one_process_curve(setup):
+    """torchrun, 2 x batch 4 (gloo) vs 1 x batch 8: the same global batches, so the same losses."""
+    common = dict(setup["opts"], max_steps=8, dropout=0, save_every=100, eval_every=100)
+    single_out, ddp_out = setup["tmp"] / "single", setup["tmp"] / "ddp"
+    r = run_cli(cli(common, batch_size=8, out=single_out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "minibert.pretrain", *cli(common, batch_size=4, out=ddp_out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es), global batch 8" in r.stdout
+    one, two = train_records(single_out), train_records(ddp_out)
+    assert [x["step"] for x in one] == [x["step"] for x in two] == list(range(1, 9))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert b["mlm_acc"] == pytest.approx(a["mlm_acc"], abs=1e-9)
+    wa, wb = weights(single_out), weights(ddp_out)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def inprocess(setup, out: Path, *extra: str) -> int:
+    threads = torch.get_num_threads()  # --threads 1 sets it for the whole pytest process; put it back
+    try:
+        return pretrain.main(setup["args"] + ["--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(setup, capsys):
+    base = ["--max-steps", "6", "--dropout", "0", "--eval-every", "100", "--save-every", "100"]
+    assert inprocess(setup, setup["tmp"] / "acc1", *base) == 0
+    assert inprocess(setup, setup["tmp"] / "acc2", *base, "--batch-size", "4", "--grad-accum", "2") == 0
+    one, two = train_records(setup["tmp"] / "acc1"), train_records(setup["tmp"] / "acc2")
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, capsys):
+    out = setup["tmp"] / "nan"
+    assert inprocess(setup, out, "--debug-nan-at-step", "8") == 1
+    err = capsys.readouterr().err
+    assert "step 8: the loss is nan (not finite)" in err
+    state = torch.load(out / "train_state.pt", weights_only=True)
+    assert state["step"] == 5
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_seed_reproducible_and_variants_run(setup, capsys):
+    base = ["--max-steps", "3", "--eval-every", "3", "--save-every", "100"]
+    for name, extra in [("nonsp", ["--no-nsp"]), ("wwm", ["--whole-word-mask", "--static-masking"]), ("wwm2", ["--whole-word-mask", "--static-masking"])]:
+        assert inprocess(setup, setup["tmp"] / name, *base, *extra) == 0, capsys.readouterr().err
+    assert train_records(setup["tmp"] / "nonsp")[0]["nsp_acc"] is None
+    assert_same_weights(setup["tmp"] / "wwm", setup["tmp"] / "wwm2")  # same --seed, same weights
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, r"file .*nothere\.txt not found"),
+        (b"", r"nothere\.txt is empty"),
+        (b"Fine text.\n\nBroken \xc3\x28 text.\n", r"nothere\.txt: not valid UTF-8 at byte 19 \(line 3\)"),
+    ],
+)
+def test_bad_corpus_exits_nonzero_naming_the_file(setup, capsys, content, expected):
+    path = setup["tmp"] / "nothere.txt"
+    if content is not None:
+        path.write_bytes(content)
+    elif path.exists():
+        path.unlink()
+    # a saved tokenizer, so that the error comes from reading the corpus, not from training a vocabulary on it
+    tok_dir = setup["tmp"] / "tok"
+    pretrain.Tokenizer.train([setup["opts"]["corpus"]], vocab_size=300).save(tok_dir)
+    assert pretrain.main(cli(setup["opts"], corpus=path, tokenizer=tok_dir, out=setup["tmp"] / "bad")) == 1
+    err = capsys.readouterr().err
+    assert re.search(expected, err), err
+
+
+def test_resume_refuses_other_settings_and_missing_state(setup, reference, capsys, tmp_path):
+    assert pretrain.main(setup["args"] + ["--out", str(tmp_path), "--resume"]) == 1
+    assert "train_state.pt not found" in capsys.readouterr().err
+    args = setup["args"] + ["--out", str(reference), "--resume", "--lr", "1e-4"]
+    assert pretrain.main(args) == 1
+    assert "--lr: saved 0.002, now 0.0001" in capsys.readouterr().err
+
+
+def test_bad_option_values_exit_with_a_message(capsys):
+    assert pretrain.main(["--mlm-prob", "1.5"]) == 2
+    assert "--mlm-prob must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    text = build_parser(pretrain.PretrainConfig, "x", "").format_help()
+    for flag in ["--corpus", "--tokenizer", "--vocab-size", "--preset", "--seq-len", "--batch-size", "--grad-accum",
+                 "--max-steps", "--lr", "--warmup", "--mlm-prob", "--no-nsp", "--out", "--resume", "--seed", "--device",
+                 "--compile", "--eval-every", "--save-every", "--whole-word-mask", "--static-masking", "--errors", "--fp16"]:
+        assert flag in text, flag
+    assert "--debug-nan-at-step" not in text  # a test hook, not an option
+
+
+@pytest.mark.slow
+def test_default_command_beats_the_baseline_in_under_5_minutes(tmp_path):
+    """`python -m minibert.pretrain` with no arguments (run: pytest -m slow tests/test_pretrain.py)."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["mlm_acc"] > 2 * final["baseline_acc"]
+    assert "most-frequent-token baseline" in r.stdout
+    print(f"default run: {time.time() - t0:.0f}s wall, held-out MLM acc {final['mlm_acc']:.3f} vs baseline {final['baseline_acc']:.3f}")
