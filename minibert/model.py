@@ -51,6 +51,7 @@ class BertConfig:
     position_embedding: str = "learned"  # "learned" (BERT) | "sinusoidal" (deviation)
     norm_position: str = "post"  # "post" (BERT) | "pre" (deviation)
     attn_impl: str = "sdpa"  # "math" (readable, returns weights) | "sdpa" | "flex" | "triton"
+    fused_kernels: bool = False  # add+LayerNorm and bias+GELU as fused ops (minibert/kernels)
     num_labels: int = 2  # for the classification heads
     classifier_dropout: Optional[float] = None  # None -> use `dropout`
     # label names for classification heads, saved in config.json like Hugging Face does
@@ -278,8 +279,14 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.cfg = cfg
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.cfg.fused_kernels:
+            # the same function: a bias-free matmul, then bias + GELU in one pass over (B, T, I)
+            from .kernels import bias_gelu
+
+            return self.down(bias_gelu(F.linear(x, self.up.weight), self.up.bias))
         return self.down(gelu(self.up(x)))
 
 
@@ -299,6 +306,15 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_ln = cfg.norm_position == "pre"
+        self.cfg = cfg
+
+    def add_norm(self, x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """LN(x + residual); with fused_kernels the add and the LayerNorm are one kernel."""
+        if self.cfg.fused_kernels:
+            from .kernels import add_layer_norm
+
+            return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+        return norm(x + residual)
 
     def forward(self, x: Tensor, mask: AttentionMask, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         if self.pre_ln:
@@ -307,8 +323,8 @@ class EncoderLayer(nn.Module):
             x = x + self.drop(self.ffn(self.norm2(x)))
         else:
             a, w = self.attn(x, mask, need_weights)
-            x = self.norm1(x + self.drop(a))
-            x = self.norm2(x + self.drop(self.ffn(x)))
+            x = self.add_norm(self.drop(a), x, self.norm1)
+            x = self.add_norm(self.drop(self.ffn(x)), x, self.norm2)
         return x, w
 
 

@@ -268,3 +268,27 @@ def test_bert_base_parameter_count():
     # 110M is the number the BERT paper quotes for BERT-Base (with its 30,522-token vocabulary)
     n = sum(p.numel() for p in BertModel(BertConfig.from_preset("base")).parameters())
     assert n == 109_482_240
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "triton"])
+def test_fused_kernels_compute_the_same_model(impl):
+    """fused_kernels=True (add+LayerNorm, bias+GELU) and attn_impl="triton" give the plain
+    model's values and gradients. On the CPU they run the kernels under Triton's interpreter
+    when TRITON_INTERPRET=1 (as in the test suite), else the PyTorch reference of each op."""
+    torch.manual_seed(9)
+    m = BertForPreTraining(make_cfg(hidden_size=32, num_heads=2, intermediate_size=64, dropout=0.0, attention_dropout=0.0))
+    ids = torch.randint(5, 97, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = 11
+    results = []
+    for fused, attn in ((False, "math"), (True, impl)):
+        m.zero_grad()
+        m.config.fused_kernels, m.config.attn_impl = fused, attn
+        o = m(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([1, 0]))
+        o.loss.backward()
+        results.append((o.loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
