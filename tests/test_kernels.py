@@ -443,6 +443,26 @@ def test_cpu_path_without_interpreter_is_the_reference(monkeypatch: pytest.Monke
     assert torch.equal(K.flash_attention(q, q, q), R.flash_attention(q, q, q))
 
 
+def _subprocess_env(**overrides: str) -> dict:
+    """This environment, with the repository root importable, plus overrides."""
+    env = dict(os.environ, **overrides)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
+def test_kernels_compile_for_h100_without_spills() -> None:
+    # No GPU needed: Triton's own ptxas builds sm_90 cubins here. Fails if a kernel stops
+    # compiling for the GPU, spills registers at its launch config, or (bf16 / fp16
+    # attention) stops using the Hopper tensor cores. About a minute of CPU.
+    env = _subprocess_env(TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "minibert.kernels.compile_check"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_import_and_run_without_triton() -> None:
     # A fresh interpreter where `import triton` fails, as on a machine without it.
     code = (
@@ -454,8 +474,6 @@ def test_import_and_run_without_triton() -> None:
         "q = torch.randn(1, 1, 4, 8); K.flash_attention(q, q, q)\n"
         "K.linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(5), torch.tensor([1, -100]))\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env = _subprocess_env(TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

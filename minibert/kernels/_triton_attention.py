@@ -57,9 +57,10 @@ def _store_tile(ptr, idx, stride_t, T, x, HEAD_DIM: tl.constexpr, INTERP_BF16: t
 def _load_doc(Doc, b, idx, T, HAS_DOCS: tl.constexpr):
     """Document ids of tokens idx in row b (0, padding, past the end); idx itself when
     unmasked, where the value is never read."""
+    ids = idx
     if HAS_DOCS:
-        return tl.load(Doc + b * T + idx, mask=idx < T, other=0)
-    return idx
+        ids = tl.load(Doc + b * T + idx, mask=idx < T, other=0)
+    return ids
 
 
 @triton.jit
@@ -251,18 +252,37 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _config(head_dim: int, device: torch.device, backward: bool) -> dict:
-    """Block sizes and launch settings. On the GPU: 128-row query tiles for the forward (as in
-    the FlashAttention-2 paper), 64 x 64 for the backward, which holds five tiles at once;
-    fewer pipeline stages at hd = 128 so the tiles fit in shared memory. Not tuned on an H100
-    yet. Under the CPU interpreter: 16 x 16, the smallest tl.dot allows, so the tests' short
-    sequences still span several blocks and a ragged last one."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=16)
-    num_warps = 4 if head_dim <= 64 else 8
-    if backward:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=num_warps, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=num_warps, num_stages=3 if head_dim <= 64 else 2)
+def _config(q: torch.Tensor, kernel: str) -> dict:
+    """Tile sizes and launch settings for kernel "fwd", "dkdv", "dq" or "delta". Under the CPU
+    interpreter: 16 x 16, the smallest tl.dot takes, so the tests' short sequences still span
+    several blocks and a ragged last one."""
+    if q.device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16) if kernel != "delta" else dict(BLOCK_M=16)
+    return _gpu_config(q.shape[-1], q.dtype, kernel)
+
+
+def _gpu_config(head_dim: int, dtype: torch.dtype, kernel: str) -> dict:
+    """GPU tiles, chosen by compiling every kernel for sm_90 and reading register use off the
+    cubin (python -m minibert.kernels.compile_check): the largest tiles that spill nothing.
+    bf16 / fp16 run on the Hopper tensor cores (HGMMA): 128-row query tiles over 8 warps for
+    the forward, as in FlashAttention-2; 64 x 64 for the backward, which keeps five tiles
+    live, narrowed at hd = 128. fp32 runs exact ("ieee") products on the CUDA cores, in small
+    tiles. Not yet timed on an H100: a tuning pass may pick larger tiles or more stages."""
+    if kernel == "delta":
+        return dict(BLOCK_M=64)
+    if dtype == torch.float32:
+        if kernel == "fwd" and head_dim <= 64:
+            return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        if kernel == "fwd":
+            return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+    if kernel == "fwd":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if kernel == "dkdv":
+        return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
 def _dot_args(q: torch.Tensor) -> dict:
@@ -297,12 +317,12 @@ def attention_fwd(
     o = torch.empty((B, T, nh, hd), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, nh, T, hd)
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     doc_t, has_docs = _doc_arg(doc_ids, q)
-    cfg = _config(hd, q.device, backward=False)
+    cfg = _config(q, "fwd")
     grid = (triton.cdiv(T, cfg["BLOCK_M"]), B * nh)
     _attn_fwd_kernel[grid](
         q, k, v, doc_t, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        nh, T, scale * 1.4426950408889634,  # log2(e): scores in base-2 units
+        nh, T, scale * 1.4426950408889634,  # times log2(e): scores in base-2 units
         HAS_DOCS=has_docs, HEAD_DIM=hd, **_dot_args(q), **cfg,
     )
     return o, lse
@@ -323,24 +343,29 @@ def attention_bwd(
     if do.stride(-1) != 1:
         do = do.contiguous()
     doc_t, has_docs = _doc_arg(doc_ids, q)
-    cfg = _config(hd, q.device, backward=True)
+    qk_scale = scale * 1.4426950408889634  # log2(e)
 
+    # 1) D = rowsum(dO * O), before anything that needs it
     delta = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
-    block_d = cfg["BLOCK_M"]
-    _attn_bwd_delta_kernel[(triton.cdiv(T, block_d), B * nh)](
-        o, do, delta, *_strides(o), *_strides(do), nh, T, HEAD_DIM=hd, BLOCK_M=block_d
+    cfg = _config(q, "delta")
+    _attn_bwd_delta_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * nh)](
+        o, do, delta, *_strides(o), *_strides(do), nh, T, HEAD_DIM=hd, **cfg
     )
 
-    dq = torch.empty_like(q)
+    # 2) dK, dV: one program per key block, looping over query blocks
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    qk_scale = scale * 1.4426950408889634
+    cfg = _config(q, "dkdv")
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * nh)](
         q, k, v, doc_t, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         nh, T, scale, qk_scale,
         HAS_DOCS=has_docs, HEAD_DIM=hd, **_dot_args(q), **cfg,
     )
+
+    # 3) dQ: one program per query block, looping over key blocks
+    dq = torch.empty_like(q)
+    cfg = _config(q, "dq")
     _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * nh)](
         q, k, v, doc_t, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
