@@ -10,7 +10,7 @@ installed the Triton tests skip and the rest (reference path, linear_cross_entro
 no-Triton import) still run.
 
 Error measure throughout: max |kernel - reference| / max |reference|, the reference computed
-in fp32 from the same (rounded) inputs. Limits: 1e-4 for fp32, 1e-2 for bf16 and fp16.
+in fp32 from the same (rounded) inputs. Limits: 1e-4 for fp32, 1e-2 for bf16, 2e-3 for fp16.
 """
 
 import os
@@ -34,7 +34,7 @@ needs_triton = pytest.mark.skipif(
     not TRITON_ON_CPU, reason="needs triton and TRITON_INTERPRET=1 to run the kernels on the CPU"
 )
 
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -311,10 +311,10 @@ def test_linear_cross_entropy_bf16_and_leading_dims() -> None:
     want = fp32_leaves(hidden, weight, bias)
     loss_ref = unfused_loss(*want, labels)
     loss_ref.backward()
-    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 1e-2
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < 1e-3  # measured 1.7e-4
     for g, w in zip(got, want):
         assert g.grad.dtype == torch.bfloat16
-        assert rel_err(g.grad, w.grad) < 2e-2
+        assert rel_err(g.grad, w.grad) < TOL[torch.bfloat16]  # measured <= 4.2e-3
 
 
 def test_linear_cross_entropy_all_ignored_is_nan_with_zero_grads() -> None:

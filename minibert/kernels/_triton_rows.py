@@ -147,10 +147,11 @@ def add_layer_norm_fwd(
     _add_layer_norm_fwd_kernel[grid](
         x2, r2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
         n_rows, n_cols, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(y.dtype, y.device), num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(y.dtype, y.device),
+        num_warps=num_warps,
     )
     lead = x.shape[:-1]
-    return y.view(x.shape), mean.view(lead), rstd.view(lead)
+    return y.view(x.shape), mean.view(lead), rstd.view(lead)  # (..., N), (...), (...)
 
 
 def add_layer_norm_bwd(
@@ -181,7 +182,7 @@ def add_layer_norm_bwd(
     )
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(weight.dtype)
-    return ds.view(x.shape), dw, db
+    return ds.view(x.shape), dw, db  # ds: (..., N)
 
 
 # ----------------------------------------------------------------------------------------
@@ -241,6 +242,7 @@ def _elementwise_tile(n_cols: int) -> tuple[int, int]:
 
 
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Launch the forward; returns gelu(x + bias) in x's shape and dtype."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()  # (M, N)
     n_rows = x2.shape[0]
@@ -249,14 +251,16 @@ def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     _bias_gelu_fwd_kernel[grid](
         x2, bias.contiguous(), y, n_rows, n_cols,
-        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(y.dtype, y.device), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(y.dtype, y.device),
+        num_warps=4,
     )
-    return y.view(x.shape)
+    return y.view(x.shape)  # (..., N)
 
 
 def bias_gelu_bwd(
     dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward; returns dx (x's dtype) and dbias (bias's dtype, summed in fp32)."""
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()  # (M, N)
     dy2 = dy.reshape(-1, n_cols).contiguous()  # (M, N)
@@ -268,6 +272,7 @@ def bias_gelu_bwd(
     grid = (n_groups, triton.cdiv(n_cols, block_n))
     _bias_gelu_bwd_kernel[grid](
         dy2, x2, bias.contiguous(), dx, db_part, n_rows, n_cols, rows_per_group,
-        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(dx.dtype, dx.device), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, ROUND_BF16=interpreter_bf16(dx.dtype, dx.device),
+        num_warps=4,
     )
-    return dx.view(x.shape), db_part.sum(0).to(bias.dtype)
+    return dx.view(x.shape), db_part.sum(0).to(bias.dtype)  # dx: (..., N)

@@ -2,15 +2,18 @@
 
 The unfused head is `F.cross_entropy(hidden @ weight.T + bias, labels)`. Its logits are
 (N, V): for a BERT-base batch of 256 x 128 tokens, N = 32768 and V = 30522, so the logits
-are 1.0e9 numbers, 2.0 GB in bf16 or 4.0 GB in fp32, and autograd keeps them (plus an fp32
-softmax of the same size inside cross_entropy's backward) alive from forward to backward.
+are 1.0e9 numbers, 2.0 GB in bf16 or 4.0 GB in fp32 (cross_entropy runs in fp32 under
+autocast). Autograd keeps an (N, V) log-softmax alive from forward to backward, and the
+backward makes another (N, V) tensor for the gradient of the logits.
 
 Here the rows are taken `chunk_size` at a time: each chunk's logits are made, reduced to a
 log-sum-exp per row, and dropped. Only that lse (N floats, 128 KB for N = 32768) is kept for
 the backward, which rebuilds each chunk's logits once more (one extra matmul of the head,
 the usual price of recomputation) and turns them into the three gradients straight away.
-Peak extra memory is a chunk's logits in fp32 plus its softmax: with the default budget of
-2^25 logits a chunk (about 1100 rows at V = 30522) that is about 256 MB, whatever N is.
+Peak extra memory is one chunk, whatever N is: with the default budget of 2^25 logits a
+chunk (1024 rows at V = 30522) holds 125 MB of fp32 logits, which the backward turns into
+the softmax in place and copies once to bf16 (62 MB) for its matmuls. The weight gradient is
+summed in an fp32 (V, H) buffer (94 MB for BERT-base) when the weight itself is bf16.
 
 A second saving: only labelled rows (label != ignore_index) go through the head at all. An
 MLM batch labels about 15% of tokens, so a caller that hands in every position saves ~85%
