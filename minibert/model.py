@@ -12,6 +12,8 @@ fields, flagged where they are implemented and pinned by tests:
     position_embedding="sinusoidal"  (Vaswani et al. 2017 encoding instead of learned)
     norm_position="pre"              (pre-LN blocks + a final LayerNorm)
     attn_impl="sdpa"                 (same math through torch's fused kernel)
+    attn_impl="flex" | "triton"      (same math, fused kernels; NO attention-probability
+                                      dropout -- a deviation while training, none at eval)
 With the defaults the module computes exactly what Google's / Hugging Face's BERT
 computes, to float precision (tests/test_parity_minilm.py).
 """

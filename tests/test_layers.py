@@ -3,6 +3,10 @@ SDPA and nn.MultiheadAttention, LayerNorm/GELU/sinusoidal encoding vs their form
 and the behaviours whose bugs are silent (loss masks, padding)."""
 
 import math
+import os
+
+# the fused-kernel test below runs the Triton kernels under Triton's CPU interpreter
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
