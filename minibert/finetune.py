@@ -73,6 +73,7 @@ class FinetuneConfig:
     task: str = field(default="auto", metadata=_h("auto | classification | regression (auto: regression when labels are floats)"))
     max_len: int = field(default=128, metadata=_h("truncate rows to this many tokens (specials included)"))
     train_limit: int = field(default=0, metadata=_h("use a fixed random subsample of this many training rows (0 = all)"))
+    dev_limit: int = field(default=0, metadata=_h("evaluate on a fixed random subsample of this many dev rows (0 = all)"))
     few_shot_k: int = field(default=0, metadata=_h("use k training rows per class, sampled with --data-seed (0 = all)"))
     data_seed: int = field(default=0, metadata=_h("seed for --train-limit / --few-shot-k / held-out masking (fixed across --seed)"))
     # -- method
@@ -205,8 +206,8 @@ def subsample(train: Split, cfg: FinetuneConfig, label_map: LabelMap) -> Split:
     if cfg.few_shot_k:
         if label_map.is_regression:
             raise UsageError("--few-shot-k needs class labels")
-        perm = torch.randperm(len(train), generator=g).tolist()
-        idx = sorted(i for c in range(label_map.num_labels) for i in [j for j in perm if int(train.y[j]) == c][: cfg.few_shot_k])
+        perm, ys = torch.randperm(len(train), generator=g).tolist(), train.y.tolist()
+        idx = sorted(i for c in range(label_map.num_labels) for i in [j for j in perm if ys[j] == c][: cfg.few_shot_k])
         train = train.subset(idx)
     if cfg.train_limit and cfg.train_limit < len(train):
         train = train.subset(sorted(torch.randperm(len(train), generator=g)[: cfg.train_limit].tolist()))
@@ -256,14 +257,13 @@ class ClassifierLearner:
     def __init__(self, model: BertForSequenceClassification, tok: Tokenizer, max_len: int):
         self.model, self.tok = model, tok
         self.inputs = PlainInputs(tok, max_len)
-        self.forward_model: nn.Module = model  # replaced by the compiled module with --compile
         self.class_weight: Optional[Tensor] = None
 
     def modules(self) -> list[nn.Module]:
         return [self.model]
 
     def loss(self, batch: dict, y: Tensor) -> tuple[Tensor, dict]:
-        logits = self.inputs.scores(self.forward_model, batch)  # (B, C)
+        logits = self.inputs.scores(self.model, batch)  # (B, C)
         return task_loss(logits, y, self.class_weight), {}
 
     def embeddings(self) -> nn.Embedding:
@@ -287,7 +287,6 @@ class BidirectionalLearner(ClassifierLearner):
     def __init__(self, model, pre: BertForMaskedLM, tok, max_len, weight: float, temperature: float, pooling: str):
         super().__init__(model, tok, max_len)
         self.pre, self.weight, self.temperature, self.pooling = pre, weight, temperature, pooling
-        self.forward_pre: nn.Module = pre.bert
 
     def modules(self) -> list[nn.Module]:
         return [self.model, self.pre]
@@ -297,10 +296,10 @@ class BidirectionalLearner(ClassifierLearner):
         m = self.model
         h_ft = m.bert(ids, types, mask)  # (B, T, H)
         logits = m.classifier(m.drop(m.bert.pool(h_ft)))  # (B, C), the same head as BertForSequenceClassification
-        h_pre = self.forward_pre(ids, types, mask)  # (B, T, H)
+        h_pre = self.pre.bert(ids, types, mask)  # (B, T, H)
         align = info_nce(sentence_repr(h_ft, mask, self.pooling), sentence_repr(h_pre, mask, self.pooling), self.temperature)
         task = task_loss(logits, y, self.class_weight)
-        return task + self.weight * align, {"task": task.item(), "align": align.item()}
+        return task + self.weight * align, {"task": task.detach(), "align": align.detach()}
 
 
 class PromptLearner:
@@ -309,14 +308,13 @@ class PromptLearner:
 
     def __init__(self, mlm: BertForMaskedLM, prompt: Prompt, tok: Tokenizer):
         self.model, self.inputs, self.tok = mlm, prompt, tok
-        self.forward_model: nn.Module = mlm
         self.class_weight: Optional[Tensor] = None
 
     def modules(self) -> list[nn.Module]:
         return [self.model]
 
     def loss(self, batch: dict, y: Tensor) -> tuple[Tensor, dict]:
-        return F.cross_entropy(self.inputs.scores(self.forward_model, batch), y, weight=self.class_weight), {}
+        return F.cross_entropy(self.inputs.scores(self.model, batch), y, weight=self.class_weight), {}
 
     def embeddings(self) -> nn.Embedding:
         return self.model.bert.embeddings.tok
@@ -396,7 +394,10 @@ def class_weight(spec: str, y: Tensor, num_labels: int) -> Optional[Tensor]:
     if spec == "inverse":
         counts = torch.bincount(y, minlength=num_labels).float()
         return len(y) / (num_labels * counts.clamp(min=1))
-    w = [float(x) for x in spec.split(",")]
+    try:
+        w = [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise UsageError(f"--class-weights must be none, inverse or numbers like 1,3; got {spec!r}") from None
     if len(w) != num_labels:
         raise UsageError(f"--class-weights has {len(w)} weights but there are {num_labels} classes")
     return torch.tensor(w)
@@ -462,8 +463,6 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     train, label_map = read_split(cfg.train, cfg, None)
     if train.y is None:
         raise DataError(train.path, 1, "the training file has no label column")
@@ -471,6 +470,9 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     if dev is not None and dev.y is None:
         raise DataError(dev.path, 1, "the dev file has no label column")
     train = subsample(train, cfg, label_map)
+    if dev is not None and cfg.dev_limit and cfg.dev_limit < len(dev):
+        g = torch.Generator().manual_seed(cfg.data_seed)
+        dev = dev.subset(sorted(torch.randperm(len(dev), generator=g)[: cfg.dev_limit].tolist()))
     learner, notes = build_learner(cfg, label_map, train, log)
     learner.class_weight = class_weight(cfg.class_weights, train.y, label_map.num_labels)
     for m in learner.modules():
@@ -479,7 +481,10 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         learner.class_weight = learner.class_weight.to(device)
     autocast = device.type == "cuda" and cfg.bf16
     if cfg.compile:
-        learner.forward_model = torch.compile(learner.forward_model, dynamic=True)
+        # compile the encoders in place (Module.compile keeps the parameter names, so saving
+        # is unchanged); dynamic=True because every batch has its own padded length
+        for m in learner.modules():
+            m.bert.compile(dynamic=True)
     metric = cfg.metric if cfg.metric != "auto" else ("pearson" if label_map.is_regression else "accuracy")
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
 
@@ -541,6 +546,7 @@ def train_loop(cfg, learner, train, train_items, dev, dev_items, label_map, metr
     best = {"score": -math.inf, "dev": {}, "step": 0, "pre_state": None}
     model_dir = out / "model"
     bad_evals, step, examples, t_train = 0, 0, 0, 0.0
+    window = {"loss": torch.zeros((), device=device), "steps": 0, "examples": 0, "seconds": 0.0}  # since the last log line
 
     def evaluate_and_keep() -> bool:
         """Score dev; keep the model if it is the best so far. True = stop early."""
@@ -549,7 +555,7 @@ def train_loop(cfg, learner, train, train_items, dev, dev_items, label_map, metr
             learner.save(model_dir)
             best.update(step=step, pre_state=_pre_state(learner))
             return False
-        d = evaluate(score_items(learner.forward_model, learner.inputs, dev_items, cfg.eval_batch_size, device, autocast), dev.y, label_map)
+        d = evaluate(score_items(learner.model, learner.inputs, dev_items, cfg.eval_batch_size, device, autocast), dev.y, label_map)
         history.append({"step": step, f"dev_{metric}": d[metric]})
         log(f"eval step {step}: dev " + " ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float)))
         if sign * d[metric] > best["score"]:
@@ -586,13 +592,18 @@ def train_loop(cfg, learner, train, train_items, dev, dev_items, label_map, metr
                 m.zero_grad(set_to_none=True)
             step += 1
             examples += len(idx)
-            if step % cfg.log_every == 0 or step == total:
-                lv = loss.item()  # a CPU-GPU sync point, so only when logging
-                dt = time.perf_counter() - t
-                history.append({"step": step, "loss": lv, **parts})
-                bar.write(f"step {step}/{total} | loss {lv:.4f} | norm {float(norm):.2f} | lr {sched.get_last_lr()[0]:.2e} | {dt * 1e3:.0f} ms | {len(idx) / dt:.0f} ex/s")
-            bar.update(1)
+            window["loss"] += loss.detach()  # summed on the device: no sync until we log
+            window["steps"] += 1
+            window["examples"] += len(idx)
+            window["seconds"] += time.perf_counter() - t
             t_train += time.perf_counter() - t
+            if step % cfg.log_every == 0 or step == total:
+                lv = window["loss"].item() / window["steps"]  # a CPU-GPU sync point, so only when logging
+                ms, ex_s = 1e3 * window["seconds"] / window["steps"], window["examples"] / window["seconds"]
+                history.append({"step": step, "loss": lv, **{k: float(v) for k, v in parts.items()}})
+                bar.write(f"step {step}/{total} | loss {lv:.4f} | norm {float(norm):.2f} | lr {sched.get_last_lr()[0]:.2e} | {ms:.0f} ms/step | {ex_s:.1f} ex/s")
+                window.update(loss=torch.zeros((), device=device), steps=0, examples=0, seconds=0.0)
+            bar.update(1)
             at_epoch_end = step % steps_per_epoch == 0
             if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) or step == total:
                 stop = evaluate_and_keep() or step >= total
@@ -683,12 +694,17 @@ def search(cfg: FinetuneConfig, log=print) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = FinetuneConfig(**vars(build_parser().parse_args(argv)))
+    threads = torch.get_num_threads()
     try:
         check_config(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         search(cfg) if cfg.search != "none" else run(cfg)
-    except (UsageError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # UsageError, DataError, CheckpointError and bad option values
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests): leave torch as found
     return 0
 
 

@@ -44,10 +44,9 @@ def freeze_bottom(bert: BertModel, k: int | str) -> list[str]:
     if k == "all":
         frozen_modules: list[nn.Module] = [bert]
     else:
-        k = int(k)
-        if not 0 <= k <= L:
+        if not str(k).isdigit() or not 0 <= int(k) <= L:
             raise ValueError(f"--freeze-layers must be in 0..{L} or 'all', got {k}")
-        frozen_modules = [bert.embeddings] + [bert.encoder.layers[i] for i in range(k)]
+        frozen_modules = [bert.embeddings] + [bert.encoder.layers[i] for i in range(int(k))]
     names = []
     ids = {id(p) for m in frozen_modules for p in m.parameters()}
     for name, p in bert.named_parameters():

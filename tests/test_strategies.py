@@ -24,6 +24,15 @@ from minibert.strategies import (
     sentence_repr,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and a crowded machine punishes more); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 WORDS = "the a film movie plot acting was is great terrible good bad very not it story".split()
 
 
