@@ -1,0 +1,152 @@
+"""Execute the chapter notebooks and print the numbers their chapters quote.
+
+    python notebooks/run_all.py              # run all five, print RESULT lines and run times
+    python notebooks/run_all.py 02 05        # only the notebooks whose names start with these
+    python notebooks/run_all.py --check      # also check each chapter quotes every RESULT value
+    python notebooks/run_all.py --save DIR   # keep the executed notebooks (with outputs) in DIR
+    python notebooks/run_all.py --saved DIR --check   # check chapters against notebooks saved earlier
+
+Each notebook prints the numbers its chapter quotes as lines of the form
+
+    RESULT name = value
+
+where `value` is already formatted the way the chapter writes it ("0.873", "91.3%",
+"22,713,216"). Only deterministic numbers (seeded, independent of the machine's speed)
+are printed this way; timings are printed as plain text and never checked. A chapter
+"quotes" a result when the value appears in its text as a whole token. The test suite
+(tests/test_notebooks.py) uses the functions below, so what this script reports is
+exactly what the tests check.
+
+The notebooks are stored without outputs; their sources of truth are the jupytext
+percent-format `.py` files next to them (`jupytext --sync notebooks/*.py` rebuilds them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent
+ROOT = NOTEBOOK_DIR.parent
+CHAPTER_DIR = ROOT / "chapters"
+
+# notebook stem -> chapter file; one chapter per notebook, same number and name
+NOTEBOOKS = sorted(p.stem for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+RESULT_RE = re.compile(r"^RESULT (?P<name>[A-Za-z0-9_.-]+) = (?P<value>.+?)\s*$", re.M)
+
+
+def chapter_path(stem: str) -> Path:
+    return CHAPTER_DIR / f"{stem}.md"
+
+
+def kernel_env() -> dict[str, str]:
+    """The environment the notebook kernel runs in.
+
+    PYTHONPATH gets the checkout, so the kernel imports this minibert even when it is not
+    pip-installed. The number of CPU threads is fixed (MINIBERT_NOTEBOOK_THREADS, default
+    1): float sums are split differently across threads, so the last bits of every result
+    depend on the thread count, and a fixed count keeps the RESULT lines reproducible on any
+    machine size. One thread also runs best on a machine shared with other jobs.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    threads = env.get("MINIBERT_NOTEBOOK_THREADS", "1")
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = threads
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    return env
+
+
+def execute(stem: str, timeout: int = 300, kernel: str = "python3"):
+    """Run notebooks/<stem>.ipynb top to bottom in notebooks/; return (notebook, seconds).
+
+    Raises nbclient's CellExecutionError on the first failing cell.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    start = time.perf_counter()
+    client.execute(env=kernel_env())
+    return nb, time.perf_counter() - start
+
+
+def stdout_text(nb) -> str:
+    """Everything the notebook printed (stream outputs), in order."""
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stdout":
+                parts.append(out.get("text", ""))
+    return "".join(parts)
+
+
+def results(text: str) -> dict[str, str]:
+    """The `RESULT name = value` lines of a notebook's output, as {name: value}."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("RESULT ") and not RESULT_RE.match(line):
+            raise ValueError(f"malformed result line (want 'RESULT name = value'): {line!r}")
+    for m in RESULT_RE.finditer(text):
+        if m["name"] in found and found[m["name"]] != m["value"]:
+            raise ValueError(f"RESULT {m['name']} printed twice with different values")
+        found[m["name"]] = m["value"]
+    return found
+
+
+def quoted(value: str, text: str) -> bool:
+    """Does `value` appear in `text` as a whole token (not inside a longer number or word)?"""
+    return re.search(r"(?<![\w.])" + re.escape(value) + r"(?![\w]|\.\d)", text) is not None
+
+
+def missing_from_chapter(stem: str, found: dict[str, str]) -> list[str]:
+    """The RESULT lines whose value the chapter does not quote."""
+    text = chapter_path(stem).read_text(encoding="utf-8")
+    return [f"RESULT {k} = {v}" for k, v in found.items() if not quoted(v, text)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("only", nargs="*", help="notebook name prefixes (default: all)")
+    ap.add_argument("--check", action="store_true", help="fail if a chapter does not quote a RESULT value")
+    ap.add_argument("--save", type=Path, help="folder for the executed notebooks")
+    ap.add_argument("--saved", type=Path, help="read executed notebooks from this folder instead of running them")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per cell")
+    args = ap.parse_args(argv)
+
+    stems = [s for s in NOTEBOOKS if not args.only or any(s.startswith(p) for p in args.only)]
+    if not stems:
+        print(f"no notebook matches {args.only}", file=sys.stderr)
+        return 2
+    failed = False
+    for stem in stems:
+        if args.saved:
+            import nbformat
+
+            nb, seconds = nbformat.read(args.saved / f"{stem}.ipynb", as_version=4), 0.0
+        else:
+            nb, seconds = execute(stem, timeout=args.timeout)
+        found = results(stdout_text(nb))
+        print(f"== {stem}: {seconds:.1f} s, {len(found)} results")
+        for k, v in found.items():
+            print(f"RESULT {k} = {v}")
+        if args.save:
+            import nbformat
+
+            args.save.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, args.save / f"{stem}.ipynb")
+        if args.check:
+            for line in missing_from_chapter(stem, found):
+                print(f"  not quoted in {chapter_path(stem).relative_to(ROOT)}: {line}")
+                failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
