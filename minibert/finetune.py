@@ -70,24 +70,24 @@ class FinetuneConfig:
     text_col: Optional[str] = field(default=None, metadata=_h("text column, by name or 0-based index (default: sentence/text/sentence1, else 0)"))
     text_pair_col: Optional[str] = field(default=None, metadata=_h("second text column for sentence pairs"))
     label_col: Optional[str] = field(default=None, metadata=_h("label column (default: 'label', else the last)"))
-    task: str = field(default="auto", metadata=_h("auto | classification | regression (auto: regression when labels are floats)"))
+    task: str = field(default="auto", metadata=_h("regression when labels are floats (auto), else classification", choices=("auto", "classification", "regression")))
     max_len: int = field(default=128, metadata=_h("truncate rows to this many tokens (specials included)"))
     train_limit: int = field(default=0, metadata=_h("use a fixed random subsample of this many training rows (0 = all)"))
     dev_limit: int = field(default=0, metadata=_h("evaluate on a fixed random subsample of this many dev rows (0 = all)"))
     few_shot_k: int = field(default=0, metadata=_h("use k training rows per class, sampled with --data-seed (0 = all)"))
     data_seed: int = field(default=0, metadata=_h("seed for --train-limit / --few-shot-k / held-out masking (fixed across --seed)"))
     # -- method
-    strategy: str = field(default="full", metadata=_h(" | ".join(STRATEGIES)))
+    strategy: str = field(default="full", metadata=_h("which parameters learn, and how (see above)", choices=STRATEGIES))
     freeze_layers: str = field(default="0", metadata=_h("partial: freeze embeddings + this many bottom layers, or 'all' (head only)"))
     template: str = field(default="{text} It was [MASK].", metadata=_h("prompt: cloze template with {text} (and {pair}) and one [MASK]"))
     verbalizer: Optional[str] = field(default=None, metadata=_h("prompt: label->word(s), e.g. '0:terrible,1:great' ('|' separates alternatives)"))
     align_weight: float = field(default=0.1, metadata=_h("bidirectional: lambda, weight of the InfoNCE alignment loss"))
     temperature: float = field(default=0.05, metadata=_h("bidirectional: InfoNCE temperature tau"))
-    align_pooling: str = field(default="mean", metadata=_h("bidirectional: sentence representation, mean | cls"))
+    align_pooling: str = field(default="mean", metadata=_h("bidirectional: sentence representation for the alignment", choices=("mean", "cls")))
     lora_rank: int = field(default=8, metadata=_h("lora: rank r of the adapters"))
     lora_alpha: float = field(default=16.0, metadata=_h("lora: scale; the update is (alpha / r) B A"))
     lora_dropout: float = field(default=0.0, metadata=_h("lora: dropout on the adapter input"))
-    adversarial: str = field(default="none", metadata=_h("none | fgm (adversarial step on the word embeddings)"))
+    adversarial: str = field(default="none", metadata=_h("fgm: an adversarial step on the word embeddings", choices=("none", "fgm")))
     fgm_epsilon: float = field(default=1.0, metadata=_h("fgm: norm of the embedding perturbation"))
     # -- optimisation
     epochs: float = field(default=3.0, metadata=_h("passes over the training data (0 = evaluate only, e.g. zero-shot prompts)"))
@@ -114,7 +114,7 @@ class FinetuneConfig:
     log_every: int = field(default=50, metadata=_h("print a log line every N steps"))
     progress: bool = field(default=True, metadata=_h("show a tqdm progress bar"))
     # -- hyper-parameter search
-    search: str = field(default="none", metadata=_h("none | grid | random: try lr x batch size x epochs, pick by dev metric"))
+    search: str = field(default="none", metadata=_h("try lr x batch size x epochs, pick by dev metric", choices=("none", "grid", "random")))
     search_lr: str = field(default="2e-5,5e-5,1e-4", metadata=_h("search: learning rates"))
     search_batch_size: str = field(default="16,32", metadata=_h("search: batch sizes"))
     search_epochs: str = field(default="1,2", metadata=_h("search: epochs"))
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            ap.add_argument(flag, type=types[f.type], default=f.default, help=f.metadata["help"])
+            ap.add_argument(flag, type=types[f.type], default=f.default, help=f.metadata["help"], choices=f.metadata.get("choices"))
     return ap
 
 
