@@ -1,0 +1,431 @@
+"""Time a BERT pretraining step and encoder inference, optionally side by side with transformers.
+
+    python -m minibert.bench --preset mini --seq-len 128 --batch-size 16 --compare-hf
+
+Like nanoGPT's bench.py, this is the training loop with everything but timing removed:
+    train  one step of BertForPreTraining: forward with MLM + NSP labels, backward, AdamW
+           (the project's build_optimizer), on a fresh zero_grad
+    infer  BertModel forward in eval mode under torch.inference_mode
+The batch is random ids from the real BERT vocabulary (V = 30,522) laid out as
+[CLS] A [SEP] B [SEP], with BERT's masking: 15% of the ordinary positions labelled (80%
+[MASK], 10% a random id, 10% unchanged) and random NSP labels.
+
+Timing: warm-up steps first (allocator, kernel selection, compilation), then `--steps`
+timed steps; on CUDA the device is synchronised before each clock read, since kernels run
+asynchronously. We print the median and the 10th/90th percentiles. With --compare-hf the two
+models take turns, one step each (A, B, A, B, ...), so a burst of load from elsewhere on the
+machine hits both; the speed-up is the median of the per-round ratios t_transformers / t_minibert.
+
+FLOPs per trained token (the numerator of MFU). A multiply-add is 2 FLOPs and the backward
+pass costs twice the forward (one matmul for the input's gradient, one for the weight's):
+
+    6 * P            P = L * (4 H^2 + 2 H I): every token meets each encoder weight once,
+                     in the Q, K, V and output projections (4 H^2) and the feed-forward (2 H I);
+                     2 FLOPs per weight forward, 4 backward
+  + 12 * L * H * T   attention: in each layer a query scores T keys (2 H T: nh heads of hs
+                     dims, nh * hs = H) and mixes T values (2 H T), 4 H T forward, x3 in all
+  + 6 * H * V * f    the tied MLM decoder, run only on the fraction f of tokens predicted
+                     (f ~ 0.15: minibert gathers the labelled rows first; transformers runs
+                     the decoder on every token, work MFU does not count as useful)
+
+Left out as small: embeddings (lookups, no matmul), LayerNorm / GELU / softmax (elementwise),
+the MLM transform (H^2 per predicted token), the pooler and NSP (per row, not per token).
+tests/test_bench.py checks this against torch's own count of every matmul.
+Inference is the forward alone: 2 * P + 4 * L * H * T per token.
+
+MFU = FLOPs per token * tokens/s, divided by two ceilings, both printed: the rate of one large
+matmul in the same dtype timed in the same run (what this machine really delivers now), and
+the datasheet peak where we know it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import platform
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
+from .optim import build_optimizer
+
+# bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
+CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 999
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (without 2:4 sparsity).
+DATASHEET_BF16_TFLOPS = {"H100 SXM": 989.0, "H200": 989.0}
+
+
+# -----------------------------------------------------------------------------
+# FLOPs
+
+
+def encoder_matmul_params(cfg: BertConfig) -> int:
+    """P: the weights every token is multiplied by in the encoder (Q, K, V, O, up, down)."""
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    return cfg.num_layers * (4 * H * H + 2 * H * I)
+
+
+def train_flops_per_token(cfg: BertConfig, seq_len: int, predicted_fraction: float) -> float:
+    """6 P + 12 L H T + 6 H V f: forward + backward of one token (see the module docstring)."""
+    L, H, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    return 6 * encoder_matmul_params(cfg) + 12 * L * H * seq_len + 6 * H * V * predicted_fraction
+
+
+def infer_flops_per_token(cfg: BertConfig, seq_len: int) -> float:
+    """2 P + 4 L H T: the encoder's forward alone."""
+    return 2 * encoder_matmul_params(cfg) + 4 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def datasheet_peak(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """FLOP/s from the datasheet table, or None where we do not know it."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        return DATASHEET_BF16_TFLOPS["H200"] * 1e12
+    if "H100" in name and ("SXM" in name or "HBM3" in name):  # the SXM part calls itself "H100 80GB HBM3"
+        return DATASHEET_BF16_TFLOPS["H100 SXM"] * 1e12
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Inputs
+
+
+def make_batch(cfg: BertConfig, batch_size: int, seq_len: int, gen: torch.Generator, mlm_prob: float = 0.15) -> dict[str, Tensor]:
+    """A pretraining batch of random real-vocabulary ids: [CLS] A [SEP] B [SEP], BERT-masked."""
+    if cfg.vocab_size <= FIRST_WORD_ID or seq_len < 8:
+        raise ValueError("the bench needs BERT's vocabulary (vocab_size > 999) and seq_len >= 8")
+    B, T = batch_size, seq_len
+    mid = T // 2  # the [SEP] between the two segments
+    ids = torch.randint(FIRST_WORD_ID, cfg.vocab_size, (B, T), generator=gen)  # (B, T)
+    ids[:, 0], ids[:, mid], ids[:, -1] = CLS_ID, SEP_ID, SEP_ID
+    token_type_ids = (torch.arange(T) > mid).long().expand(B, T).contiguous()  # (B, T) 0 for A, 1 for B
+    # exactly round(15%) of the ordinary positions per row, as BERT picks them
+    n_pred = max(1, round(mlm_prob * (T - 3)))
+    score = torch.rand(B, T, generator=gen)
+    score[:, [0, mid, T - 1]] = -1.0  # never pick [CLS] / [SEP]
+    pos = score.topk(n_pred, dim=1).indices  # (B, n_pred) distinct random positions
+    target = ids.gather(1, pos)  # (B, n_pred)
+    labels = torch.full((B, T), -100, dtype=torch.long).scatter_(1, pos, target)
+    r = torch.rand(B, n_pred, generator=gen)
+    random_ids = torch.randint(FIRST_WORD_ID, cfg.vocab_size, (B, n_pred), generator=gen)
+    shown = torch.where(r < 0.8, MASK_ID, torch.where(r < 0.9, random_ids, target))  # 80 / 10 / 10
+    return {
+        "input_ids": ids.scatter(1, pos, shown),
+        "token_type_ids": token_type_ids,
+        "attention_mask": torch.ones(B, T, dtype=torch.long),  # what a collator hands over
+        "labels": labels,
+        "next_sentence_label": torch.randint(0, 2, (B,), generator=gen),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Clocks and memory
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are queued asynchronously; wait before reading the clock
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def step_memory(fn: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Bytes one call needs on top of what is already resident (weights, optimizer state).
+
+    CUDA: max_memory_allocated over the call, minus memory_allocated before it.
+    CPU: the peak resident set over the call (VmHWM, reset by writing 5 to
+    /proc/self/clear_refs) minus the resident set before it. Freed heap is first handed back
+    to the OS (glibc malloc_trim), otherwise a call could reuse pages an earlier call left
+    behind and look free. None where this is not Linux.
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_kib("VmRSS")
+        fn()
+        return (_proc_status_kib("VmHWM") - before) * 1024
+    except (OSError, KeyError, AttributeError):
+        return None
+
+
+def matmul_probe(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A large square matmul in the bench dtype and its FLOPs: the rate this machine delivers."""
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 1)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def run() -> None:
+        for _ in range(reps):
+            a @ b
+
+    return run, 2.0 * n**3 * reps
+
+
+# -----------------------------------------------------------------------------
+# The two steps
+
+
+def train_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -> Callable[[], None]:
+    """One full pretraining step; the same function drives minibert and transformers."""
+    opt = build_optimizer(model, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def infer_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -> Callable[[], None]:
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    model.eval()
+
+    def step() -> None:
+        with torch.inference_mode(), autocast():
+            model(**inputs)
+
+    return step
+
+
+def hf_models(cfg: BertConfig) -> tuple[nn.Module, nn.Module]:
+    """transformers' BertForPreTraining and BertModel with our config (SDPA attention, same dropout).
+
+    transformers is an optional extra: imported here only, never when minibert is imported.
+    """
+    import transformers
+
+    if cfg.position_embedding != "learned" or cfg.norm_position != "post":
+        raise ValueError("--compare-hf needs BERT's own architecture (learned positions, post-LN)")
+    hf_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act="gelu",  # the exact erf GELU, as ours
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        attn_implementation="sdpa",  # its fastest attention available on CPU and GPU without extras
+    )
+    # no pooler on the encoder: our BertModel.forward does not compute it either
+    return transformers.BertForPreTraining(hf_cfg), transformers.BertModel(hf_cfg, add_pooling_layer=False)
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def measure(
+    steps: dict[str, Callable[[], None]],
+    probe: Callable[[], None],
+    n_steps: int,
+    warmup: int,
+    device: torch.device,
+) -> tuple[dict[str, list[float]], dict[str, Optional[int]], list[float]]:
+    """Warm every step up, measure its memory once, then time them in turns (A, B, probe, A, B, ...)."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    probe()
+    memory = {name: step_memory(fn, device) for name, fn in steps.items()}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    probe_times = []
+    for _ in range(n_steps):
+        for name, fn in steps.items():
+            times[name].append(timed(fn, device))
+        probe_times.append(timed(probe, device))
+    return times, memory, probe_times
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    p10, p50, p90 = torch.tensor(xs, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    return p10, p50, p90
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m minibert.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="mini", choices=list(PRESETS))
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per training step")
+    p.add_argument("--infer-batch-size", type=int, default=None, help="rows per inference call (default: --batch-size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--attn-impl", choices=list(ATTN_IMPLS), default="sdpa")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (per model and task)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compare-hf", action="store_true", help="time transformers' BERT in the same run, in turns")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the markdown table")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+
+    def autocast() -> contextlib.AbstractContextManager:
+        # bf16 autocast: matmuls in bf16, weights and optimizer state stay fp32
+        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    cfg = BertConfig.from_preset(args.preset, attn_impl=args.attn_impl)
+    T = args.seq_len
+    B_infer = args.infer_batch_size or args.batch_size
+    train_batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch_size, T, gen).items()}
+    infer_batch = {k: v.to(device) for k, v in make_batch(cfg, B_infer, T, gen).items()}
+    predicted = (train_batch["labels"] != -100).float().mean().item()  # f, ~0.15
+
+    models = {"minibert": (BertForPreTraining(cfg), BertModel(cfg))}
+    if args.compare_hf:
+        models["transformers"] = hf_models(cfg)
+    train_steps, infer_steps = {}, {}
+    for name, (pretrain, encoder) in models.items():
+        pretrain, encoder = pretrain.to(device), encoder.to(device)
+        if args.compile:
+            pretrain, encoder = torch.compile(pretrain), torch.compile(encoder)
+        train_steps[name] = train_step(pretrain, train_batch, autocast)
+        infer_steps[name] = infer_step(encoder, infer_batch, autocast)
+
+    probe, probe_flops = matmul_probe(device, dtype)
+    peak = datasheet_peak(device, dtype)
+    tasks = {
+        "train": (train_steps, args.batch_size * T, train_flops_per_token(cfg, T, predicted)),
+        "infer": (infer_steps, B_infer * T, infer_flops_per_token(cfg, T)),
+    }
+    rows, speedups, spreads, probe_all = [], {}, {}, []
+    for task, (steps, tokens, flops_per_token) in tasks.items():
+        times, memory, probe_times = measure(steps, probe, args.steps, args.warmup, device)
+        probe_all += probe_times
+        rate = probe_flops / quantiles(probe_times)[1]  # FLOP/s of the big matmul, timed between these steps
+        for name, ts in times.items():
+            p10, p50, p90 = quantiles(ts)
+            achieved = flops_per_token * tokens / p50
+            rows.append(
+                {
+                    "model": name,
+                    "task": task,
+                    "ms_p50": p50 * 1e3,
+                    "ms_p10": p10 * 1e3,
+                    "ms_p90": p90 * 1e3,
+                    "tokens_per_s": tokens / p50,
+                    "step_mem_bytes": memory[name],
+                    "mfu_vs_matmul": achieved / rate,
+                    "mfu_vs_datasheet": achieved / peak if peak else None,
+                    "times_ms": [t * 1e3 for t in ts],
+                }
+            )
+        if "transformers" in times:
+            ratios = [hf / ours for ours, hf in zip(times["minibert"], times["transformers"])]
+            lo, speedups[task], hi = quantiles(ratios)
+            spreads[task] = (lo, hi)
+
+    result = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "seq_len": T,
+        "batch_size": args.batch_size,
+        "infer_batch_size": B_infer,
+        "dtype": dtype_name,
+        "attn_impl": args.attn_impl,
+        "compile": args.compile,
+        "predicted_fraction": predicted,
+        "matmul_flops_per_s": probe_flops / quantiles(probe_all)[1],
+        "datasheet_flops_per_s": peak,
+        "rows": rows,
+        "speedup": speedups,  # median over rounds of t_transformers / t_minibert
+        "speedup_p10_p90": spreads,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_report(result))
+    return result
+
+
+def format_report(r: dict) -> str:
+    peak = f"{r['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s" if r["datasheet_flops_per_s"] else "unknown"
+    lines = [
+        f"device: {r['device']} ({r['threads']} threads), torch {r['torch']}, {r['dtype']}"
+        f"{', compiled' if r['compile'] else ''}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
+        f"datasheet peak {peak}; MLM predicts {r['predicted_fraction']:.1%} of tokens",
+        "",
+        "| model | task | preset | batch | seq | ms/step median (p10-p90) | tokens/s | step mem MiB | MFU vs matmul | MFU vs datasheet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        batch = r["batch_size"] if row["task"] == "train" else r["infer_batch_size"]
+        mem = f"{row['step_mem_bytes'] / 2**20:.0f}" if row["step_mem_bytes"] is not None else "n/a"
+        ds = f"{row['mfu_vs_datasheet']:.1%}" if row["mfu_vs_datasheet"] is not None else "n/a"
+        lines.append(
+            f"| {row['model']} | {row['task']} | {r['preset']} | {batch} | {r['seq_len']} | "
+            f"{row['ms_p50']:.1f} ({row['ms_p10']:.1f}-{row['ms_p90']:.1f}) | {row['tokens_per_s']:,.0f} | {mem} | "
+            f"{row['mfu_vs_matmul']:.1%} | {ds} |"
+        )
+    if r["speedup"]:
+        spread = r["speedup_p10_p90"]
+        lines += [
+            "",
+            "speed-up minibert / transformers (median of per-round time ratios, p10-p90): "
+            + ", ".join(f"{t} {s:.2f}x ({spread[t][0]:.2f}-{spread[t][1]:.2f})" for t, s in r["speedup"].items()),
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The benchmark's FLOP formula (by hand and against torch's count of every matmul), its
+batch (BERT's masking), and that `python -m minibert.bench` runs and prints its table."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from minibert import BertConfig, BertForPreTraining, BertModel
+from minibert.bench import CLS_ID, MASK_ID, SEP_ID, encoder_matmul_params, infer_flops_per_token, main, make_batch, train_flops_per_token
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flop_formula_by_hand_for_tiny():
+    cfg = BertConfig.from_preset("tiny")  # L = 2, H = 128, I = 512, V = 30522
+    # per layer: Q, K, V, O = 4 * 128 * 128 = 65,536; up + down = 2 * 128 * 512 = 131,072
+    assert encoder_matmul_params(cfg) == 2 * (65_536 + 131_072) == 393_216
+    # 6 P = 2,359,296;  12 L H T = 12 * 2 * 128 * 32 = 98,304;  6 H V f = 6 * 128 * 30522 * 0.15 = 3,516,134.4
+    assert train_flops_per_token(cfg, 32, 0.15) == pytest.approx(2_359_296 + 98_304 + 3_516_134.4)
+    # forward only, no decoder: 2 P + 4 L H T = 786,432 + 32,768
+    assert infer_flops_per_token(cfg, 32) == 786_432 + 32_768
+
+
+def counted_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_flop_formula_matches_the_counted_matmuls():
+    """One forward + backward of a small pretraining model: FlopCounterMode counts every mm/bmm
+    (the "math" attention, so the scores and values are bmm's it sees); the formula leaves out
+    only the MLM transform, pooler and NSP, a few percent here."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=3000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position=64, attn_impl="math")
+    B, T = 4, 48
+    batch = make_batch(cfg, B, T, torch.Generator().manual_seed(0))
+    f = (batch["labels"] != -100).float().mean().item()
+    model = BertForPreTraining(cfg)
+    total = counted_flops(lambda: model(**batch).loss.backward())
+    formula = train_flops_per_token(cfg, T, f) * B * T
+    assert abs(formula - total) / total < 0.03, (formula, total)
+    assert formula < total  # what it leaves out is never negative
+
+    encoder = BertModel(cfg).eval()
+    with torch.no_grad():
+        total = counted_flops(lambda: encoder(batch["input_ids"], batch["token_type_ids"]))
+    assert infer_flops_per_token(cfg, T) * B * T == total  # the encoder's forward is exactly 2 P + 4 L H T
+
+
+def test_batch_follows_bert_layout_and_masking():
+    cfg = BertConfig.from_preset("tiny")
+    b = make_batch(cfg, 64, 128, torch.Generator().manual_seed(0))
+    ids, labels, tt = b["input_ids"], b["labels"], b["token_type_ids"]
+    assert (ids[:, 0] == CLS_ID).all() and (ids[:, 64] == SEP_ID).all() and (ids[:, -1] == SEP_ID).all()
+    assert tt[:, :65].eq(0).all() and tt[:, 65:].eq(1).all()
+    picked = labels != -100
+    assert (picked.sum(1) == round(0.15 * 125)).all()  # BERT's exact count per row, 19 of 125
+    assert not picked[:, [0, 64, 127]].any()  # never [CLS] / [SEP]
+    assert (labels[picked] >= 999).all()  # targets are real words
+    shown = ids[picked]
+    masked = (shown == MASK_ID).float().mean()
+    kept = (shown == labels[picked]).float().mean()
+    assert 0.75 < masked < 0.85 and 0.07 < kept < 0.13  # 80% [MASK], ~10% kept (+ rare random hits)
+    assert set(b["next_sentence_label"].tolist()) == {0, 1}
+
+
+def run_bench(*extra: str) -> str:
+    cmd = [sys.executable, "-m", "minibert.bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_bench_cli_prints_the_table():
+    out = run_bench()
+    assert "| model | task |" in out
+    assert "| minibert | train | tiny | 2 | 32 |" in out
+    assert "| minibert | infer | tiny | 2 | 32 |" in out
+    assert "transformers" not in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_bench_cli_compares_with_transformers():
+    out = run_bench("--compare-hf")
+    assert "| transformers | train | tiny | 2 | 32 |" in out
+    assert "| transformers | infer | tiny | 2 | 32 |" in out
+    assert "speed-up minibert / transformers" in out
+
+
+def test_bench_does_not_import_transformers_without_compare_hf():
+    code = "import sys, minibert.bench, minibert.packing; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
+
+
+def test_bench_json_is_machine_readable(capsys):
+    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))
+    assert [(r["model"], r["task"]) for r in printed["rows"]] == [("minibert", "train"), ("minibert", "infer")]
+    train = printed["rows"][0]
+    assert len(train["times_ms"]) == 2 and train["ms_p10"] <= train["ms_p50"] <= train["ms_p90"]
+    assert train["tokens_per_s"] == pytest.approx(2 * 32 / (train["ms_p50"] / 1e3))
+    assert 0 < train["mfu_vs_matmul"] and train["mfu_vs_datasheet"] is None  # no datasheet figure for a CPU
+    assert printed["speedup"] == {}
