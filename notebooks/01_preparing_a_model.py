@@ -35,6 +35,8 @@ ROOT = ROOT.parent if ROOT.name == "notebooks" else ROOT
 if importlib.util.find_spec("minibert") is None:
     sys.path.insert(0, str(ROOT))
 
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -276,8 +278,10 @@ def piece_counts(docs):
 sources = {"embedded corpus": ROOT / "data/corpus"}
 if REAL:
     sources.update({"Wikipedia leads": DATA / "corpus/wiki_vital_en.txt", "Austen chapters": DATA / "corpus/austen_novels.txt"})
+fig, ax = plt.subplots(figsize=(7, 3))
 for name, where in sources.items():
     n = piece_counts(read_corpus([where]))
+    ax.hist(n.numpy(), bins=np.geomspace(10, 20_000, 60), alpha=0.6, label=name)
     over = (n > 510).float().mean().item()
     print(f"{name:16s} {len(n):6,d} documents, median {int(n.median()):5d} pieces, max {int(n.max()):6,d}, "
           f"longer than 510: {over:.1%}")
@@ -285,6 +289,14 @@ for name, where in sources.items():
     result(f"pieces_median_{key}", f"{int(n.median()):,}")
     result(f"pieces_max_{key}", f"{int(n.max()):,}")
     result(f"pieces_over_510_{key}", f"{over:.1%}")
+ax.axvline(510, color="k", ls="--", lw=1)
+ax.text(540, ax.get_ylim()[1] * 0.9, "510 pieces: what fits", fontsize=8)
+ax.set_xscale("log")
+ax.set_xlabel("word-pieces per document")
+ax.set_ylabel("documents")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
 if REAL:
     sst = read_labeled(DATA / "sst2/test.tsv")
     n = torch.tensor([len(ids) for ids in tok.encode_ids(sst.texts)])

@@ -18,7 +18,8 @@ are printed this way; timings are printed as plain text and never checked. A cha
 exactly what the tests check.
 
 The notebooks are stored without outputs; their sources of truth are the jupytext
-percent-format `.py` files next to them (`jupytext --sync notebooks/*.py` rebuilds them).
+percent-format `.py` files next to them (`jupytext --update --to ipynb notebooks/NN_*.py`
+rebuilds one and keeps its cell ids).
 """
 
 from __future__ import annotations

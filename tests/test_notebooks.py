@@ -1,0 +1,228 @@
+"""The chapters and their notebooks cannot rot.
+
+* every notebook runs top to bottom (nbclient, kernel python3, in notebooks/) without an error;
+* every number a notebook prints as `RESULT name = value` is quoted in its chapter;
+* the committed .ipynb files are the jupytext .py sources, without outputs;
+* every link in a chapter points at a file that exists, and a link to a Python file
+  named after a symbol (`` [`MultiHeadAttention`](../minibert/model.py) ``) names a
+  symbol defined in that file;
+* every display formula in a chapter is followed by a link to the code that computes it;
+* every chapter ends with exercises and answers to the common questions.
+
+The notebook runs take a few minutes together; each is executed once per session and
+shared by the tests that need its output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("run_all", ROOT / "notebooks" / "run_all.py")
+run_all = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_all)
+
+NOTEBOOKS = run_all.NOTEBOOKS
+CHAPTERS = sorted((ROOT / "chapters").glob("[0-9][0-9]_*.md"))
+CELL_TIMEOUT = int(os.environ.get("MINIBERT_NOTEBOOK_CELL_TIMEOUT", "600"))
+# The whole suite must stay well under 15 minutes on 2 cores, so each notebook has a
+# compute budget. It is checked in CPU seconds of the kernel (each notebook prints them in
+# its last line), not in wall time, so that a busy machine does not fail the test; a
+# notebook that grows past the budget is a failure to fix, not a reason to raise it.
+MAX_CPU_SECONDS = float(os.environ.get("MINIBERT_NOTEBOOK_MAX_CPU_SECONDS", "150"))
+CPU_LINE = re.compile(r"notebook ran in \d+ s \((\d+) s of CPU time in this kernel\)")
+
+
+def test_there_are_five_chapters_each_with_a_notebook():
+    assert [c.stem for c in CHAPTERS] == NOTEBOOKS
+    assert len(NOTEBOOKS) == 5
+    for stem in NOTEBOOKS:
+        assert (ROOT / "notebooks" / f"{stem}.py").exists(), f"{stem}: no jupytext source"
+
+
+# ----------------------------------------------------------------------------
+# executing the notebooks
+
+
+@pytest.fixture(scope="module", params=NOTEBOOKS)
+def executed(request):
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb, seconds = run_all.execute(request.param, timeout=CELL_TIMEOUT)
+    return request.param, nb, seconds
+
+
+def test_notebook_runs(executed):
+    stem, nb, seconds = executed  # execute() raises CellExecutionError on any failing cell
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{stem}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+    cpu = CPU_LINE.findall(run_all.stdout_text(nb))
+    assert cpu, f"{stem} does not print its run time in its last cell"
+    assert float(cpu[-1]) < MAX_CPU_SECONDS, (
+        f"{stem} used {cpu[-1]} s of CPU time ({seconds:.0f} s of wall time); the budget is {MAX_CPU_SECONDS:.0f} s"
+    )
+
+
+def test_chapter_quotes_the_notebook_numbers(executed):
+    stem, nb, _ = executed
+    found = run_all.results(run_all.stdout_text(nb))
+    assert len(found) >= 5, f"{stem} printed only {len(found)} RESULT lines"
+    missing = run_all.missing_from_chapter(stem, found)
+    assert not missing, f"chapters/{stem}.md does not quote:\n" + "\n".join(missing)
+
+
+def test_notebooks_draw_plots(executed):
+    stem, nb, _ = executed
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{stem} shows no plot"
+
+
+# ----------------------------------------------------------------------------
+# the result-matching mechanism itself
+
+
+def test_results_parser_and_quote_matching():
+    text = "x\nRESULT acc = 91.3%\nRESULT cm = [[1, 2], [3, 4]]\nRESULT ok = True\n"
+    assert run_all.results(text) == {"acc": "91.3%", "cm": "[[1, 2], [3, 4]]", "ok": "True"}
+    assert run_all.quoted("91.3%", "reaches 91.3% on test")
+    assert not run_all.quoted("91.3%", "reaches 191.3% on test")
+    assert not run_all.quoted("0.87", "a loss of 0.875")
+    assert not run_all.quoted("0.87", "a loss of 10.87")
+    assert run_all.quoted("0.87", "a loss of 0.87.")
+    with pytest.raises(ValueError):
+        run_all.results("RESULT a = 1\nRESULT a = 2\n")
+    with pytest.raises(ValueError):
+        run_all.results("RESULT a b = 1\n")  # a name with a space would otherwise be skipped silently
+
+
+# ----------------------------------------------------------------------------
+# committed notebooks = jupytext sources, without outputs
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_ipynb_is_stored_without_outputs(stem):
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{stem}.ipynb has outputs; strip them"
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_ipynb_matches_its_jupytext_source(stem):
+    jupytext = pytest.importorskip("jupytext")
+    nbformat = pytest.importorskip("nbformat")
+    source = jupytext.read(ROOT / "notebooks" / f"{stem}.py")
+    stored = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+    cells = lambda nb: [(c.cell_type, c.source) for c in nb.cells]  # noqa: E731
+    assert cells(stored) == cells(source), (
+        f"notebooks/{stem}.ipynb is out of date: run `jupytext --update --to ipynb notebooks/{stem}.py`"
+    )
+
+
+# ----------------------------------------------------------------------------
+# chapters: links, formulas, closing sections
+
+LINK = re.compile(r"(?<!!)\[(?P<text>[^\]]+)\]\((?P<target>[^)\s]+)\)")
+
+
+def defined_symbols(py: Path) -> set[str]:
+    """Names defined at any level of a Python file: classes, functions, methods, assignments."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        names.add(f"{node.name}.{item.name}")
+                    elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                        names.add(f"{node.name}.{item.target.id}")
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names
+
+
+def code_links(md: Path):
+    """(symbol or None, file, anchor) for each relative link in a chapter."""
+    for m in LINK.finditer(md.read_text(encoding="utf-8")):
+        target = m["target"]
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue  # web addresses and in-page anchors
+        file, _, anchor = target.partition("#")
+        text = m["text"].strip()
+        symbol = None
+        code = re.fullmatch(r"`(?:[\w/.]+\.py::)?(?P<sym>[A-Za-z_][\w.]*)(?:\(\))?`", text)
+        if code and file.endswith(".py") and not code["sym"].endswith(".py"):  # `model.py` names the file itself
+            symbol = code["sym"]
+        yield symbol, (md.parent / file).resolve(), anchor
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_links_resolve(md):
+    problems = []
+    n_code = 0
+    for symbol, file, anchor in code_links(md):
+        if not file.exists():
+            problems.append(f"missing file {file.relative_to(ROOT) if ROOT in file.parents else file}")
+            continue
+        if anchor.startswith("L") and anchor[1:].split("-")[0].isdigit():
+            n_lines = len(file.read_text(encoding="utf-8").splitlines())
+            if int(anchor[1:].split("-")[0]) > n_lines:
+                problems.append(f"{file.name}#{anchor}: the file has {n_lines} lines")
+        if symbol is not None:
+            n_code += 1
+            if symbol not in defined_symbols(file) and symbol.split(".")[-1] not in defined_symbols(file):
+                problems.append(f"{file.name} defines no {symbol}")
+    assert not problems, f"{md.name}: " + "; ".join(problems)
+    assert n_code >= 3, f"{md.name} links to only {n_code} symbols in the code"
+
+
+def test_link_checker_catches_a_wrong_symbol(tmp_path):
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    (tmp_path / "m.py").write_text("class Real:\n    def method(self):\n        pass\nX = 1\n")
+    md = chapters / "c.md"
+    md.write_text("[`Real`](../m.py) [`Real.method`](../m.py#L2) [`X`](../m.py) [`m.py`](../m.py) [`Gone`](../m.py) [x](../nope.md)")
+    links = list(code_links(md))
+    defined = defined_symbols(tmp_path / "m.py")
+    assert [s for s, f, _ in links if s and s not in defined] == ["Gone"]
+    assert [f.name for _, f, _ in links if not f.exists()] == ["nope.md"]
+
+
+DISPLAY_MATH = re.compile(r"^[ \t]*\$\$[ \t]*$(?P<body>.*?)^[ \t]*\$\$[ \t]*$", re.M | re.S)
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_every_display_formula_is_followed_by_its_code(md):
+    """A `$$ ... $$` block must be followed, within the next paragraph, by a link into minibert/."""
+    text = md.read_text(encoding="utf-8")
+    unlinked = []
+    for m in DISPLAY_MATH.finditer(text):
+        after = text[m.end() :].lstrip("\n")
+        paragraph = after.split("\n\n")[0]
+        if "](../minibert/" not in paragraph:
+            unlinked.append(m["body"].strip().splitlines()[0][:60])
+    assert not unlinked, f"{md.name}: formulas without a code link right after them: {unlinked}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_has_glossary_exercises_and_common_questions(md):
+    text = md.read_text(encoding="utf-8")
+    assert re.search(r"[\u4e00-\u9fff]", text), f"{md.name} glosses no Chinese term of the series"
+    headings = [h.lower() for h in re.findall(r"^#+\s*(.+)$", text, re.M)]
+    assert any("exercise" in h for h in headings), f"{md.name} has no exercises section"
+    assert any("common questions" in h for h in headings), f"{md.name} has no common-questions section"
+    for topic in ("512", "overfit", "hyper-parameter", "imbalance"):
+        assert topic in text.lower(), f"{md.name}: the common questions do not cover {topic!r}"
+    notebook = f"../notebooks/{md.stem}.ipynb"
+    assert notebook in text, f"{md.name} does not link its notebook {notebook}"
