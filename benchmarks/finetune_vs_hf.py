@@ -1,6 +1,7 @@
 """Fine-tuning throughput, minibert vs Hugging Face transformers, on identical batches.
 
     python benchmarks/finetune_vs_hf.py --steps 60 --rounds 6      # SST-2 train, MiniLM, batch 32
+    python benchmarks/finetune_vs_hf.py --pack ...                  # and minibert with packed batches
 
 Both models start from the same weights (all-MiniLM-L6-v2 plus one shared random
 classifier), see the same dynamically padded SST-2 batches in the same order, and run
@@ -24,6 +25,7 @@ accuracy, for a like-for-like comparison with minibert's own run on those rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minibert import BertForSequenceClassification, Tokenizer  # noqa: E402
-from minibert.predict import PlainInputs  # noqa: E402
+from minibert.predict import PackedInputs, PlainInputs  # noqa: E402
 from minibert.tabular import read_labeled  # noqa: E402
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pack", action="store_true", help="also time minibert with packed batches (finetune --pack)")
     ap.add_argument("--accuracy", action="store_true", help="fine-tune transformers for one epoch and report test accuracy instead")
     ap.add_argument("--train-limit", type=int, default=0, help="--accuracy: the fixed subsample minibert.finetune --train-limit uses")
     ap.add_argument("--test", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"), help="--accuracy: test file")
@@ -76,10 +79,12 @@ def main() -> None:
     enc = PlainInputs(tok, args.max_len)
     items = enc.encode([data.texts[i] for i in idx])
     labels = torch.tensor([int(data.labels[i]) for i in idx])
+    packer = PackedInputs(tok, args.max_len)
     batches = []
     for s in range(n_batches):
         b = enc.collate(items[s * args.batch_size : (s + 1) * args.batch_size])  # (B, T), T = longest row
         b["labels"] = labels[s * args.batch_size : (s + 1) * args.batch_size]
+        b["packed"] = packer.collate(items[s * args.batch_size : (s + 1) * args.batch_size])  # (R, max_len), the same texts
         batches.append(b)
 
     # parity: same loss in eval mode on the first batch
@@ -91,13 +96,15 @@ def main() -> None:
     print(f"parity: first-batch eval loss minibert {l1.item():.6f}  transformers {l2.item():.6f}  |diff| {abs(l1 - l2).item():.2e}")
     ours.train(), theirs.train()
 
-    def make_step(model, hf: bool):
+    def make_step(model, hf: bool, packed: bool = False):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
 
         def step(b) -> float:
             t = time.perf_counter()
             if hf:
                 logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits
+            elif packed:
+                logits = PackedInputs.scores(model, b["packed"])
             else:
                 logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits
             loss = F.cross_entropy(logits, b["labels"])
@@ -110,6 +117,8 @@ def main() -> None:
         return step
 
     steps = {"minibert": make_step(ours, False), "transformers": make_step(theirs, True)}
+    if args.pack:  # its own copy, so the optimiser states stay apart
+        steps["minibert --pack"] = make_step(copy.deepcopy(ours), False, packed=True)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for name, step in steps.items():
         for b in batches[: args.warmup]:
@@ -118,7 +127,8 @@ def main() -> None:
     per_round = max(1, len(timed) // args.rounds)
     for r in range(0, len(timed), per_round):
         block = timed[r : r + per_round]
-        order = list(steps.items()) if (r // per_round) % 2 == 0 else list(reversed(steps.items()))
+        k = (r // per_round) % len(steps)
+        order = list(steps.items())[k:] + list(steps.items())[:k]  # rotate who goes first
         for name, step in order:
             times[name] += [step(b) for b in block]
     rows = sum(len(b["labels"]) for b in timed)
@@ -130,8 +140,13 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med * 1e3:.0f} | {statistics.mean(ts) * 1e3:.0f} | {args.batch_size / med:.1f} | {tokens / len(timed) / med:.0f} |")
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["minibert"])
-    print(f"minibert throughput / transformers throughput = {ratio:.3f}")
+    for name in steps:
+        if name != "transformers":
+            ratio = statistics.median(times["transformers"]) / statistics.median(times[name])
+            print(f"{name} throughput / transformers throughput = {ratio:.3f}")
+    if args.pack:
+        slots = sum(b["packed"]["input_ids"].numel() for b in timed) / len(timed)
+        print(f"token slots per step: padded {statistics.mean(b['input_ids'].numel() for b in timed):.0f}, packed {slots:.0f} (real {tokens / len(timed):.0f})")
 
 
 def hf_accuracy(args) -> None:

@@ -42,7 +42,7 @@ from . import metrics as M
 from .checkpoint import CheckpointError, atomic_write_text
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, PRESETS
 from .optim import param_groups, warmup_linear
-from .predict import Classifier, PlainInputs, score_items, to_device
+from .predict import Classifier, PackedInputs, PlainInputs, score_items, to_device
 from .strategies import FGM, Prompt, Verbalizer, add_lora, freeze_bottom, info_nce, merge_lora, sentence_repr
 from .tabular import DataError, LabeledData, LabelMap, read_labeled
 from .tokenizer import Tokenizer
@@ -72,6 +72,7 @@ class FinetuneConfig:
     label_col: Optional[str] = field(default=None, metadata=_h("label column (default: 'label', else the last)"))
     task: str = field(default="auto", metadata=_h("regression when labels are floats (auto), else classification", choices=("auto", "classification", "regression")))
     max_len: int = field(default=128, metadata=_h("truncate rows to this many tokens (specials included)"))
+    pack: bool = field(default=False, metadata=_h("full/partial/lora: pack each batch's texts into rows of --max-len instead of padding (same math, fewer FLOPs on short texts)"))
     train_limit: int = field(default=0, metadata=_h("use a fixed random subsample of this many training rows (0 = all)"))
     dev_limit: int = field(default=0, metadata=_h("evaluate on a fixed random subsample of this many dev rows (0 = all)"))
     few_shot_k: int = field(default=0, metadata=_h("use k training rows per class, sampled with --data-seed (0 = all)"))
@@ -156,6 +157,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--task must be auto, classification or regression, got {cfg.task!r}")
     if cfg.search not in ("none", "grid", "random"):
         raise UsageError(f"--search must be none, grid or random, got {cfg.search!r}")
+    if cfg.pack and cfg.strategy not in ("full", "partial", "lora"):
+        raise UsageError(f"--pack works with the [CLS] classifier of full/partial/lora, not --strategy {cfg.strategy}")
     if cfg.search != "none" and not cfg.dev:
         raise UsageError("--search chooses by the dev metric: give --dev")
     if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.max_len < 8:
@@ -254,9 +257,9 @@ def task_loss(logits: Tensor, y: Tensor, class_weight: Optional[Tensor]) -> Tens
 class ClassifierLearner:
     """full / partial / lora: BertForSequenceClassification, cross-entropy (or MSE)."""
 
-    def __init__(self, model: BertForSequenceClassification, tok: Tokenizer, max_len: int):
+    def __init__(self, model: BertForSequenceClassification, tok: Tokenizer, max_len: int, pack: bool = False):
         self.model, self.tok = model, tok
-        self.inputs = PlainInputs(tok, max_len)
+        self.inputs = PackedInputs(tok, max_len) if pack else PlainInputs(tok, max_len)
         self.class_weight: Optional[Tensor] = None
 
     def modules(self) -> list[nn.Module]:
@@ -374,7 +377,7 @@ def build_learner(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -
             log("WARNING: " + notes["warning"])
         learner = BidirectionalLearner(model, pre, tok, cfg.max_len, cfg.align_weight, cfg.temperature, cfg.align_pooling)
     else:
-        learner = ClassifierLearner(model, tok, cfg.max_len)
+        learner = ClassifierLearner(model, tok, cfg.max_len, pack=cfg.pack)
         if cfg.strategy == "partial":
             frozen = freeze_bottom(model.bert, cfg.freeze_layers)
             notes["frozen_parameters"] = len(frozen)

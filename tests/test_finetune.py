@@ -83,6 +83,7 @@ STRATEGY_ARGS = {
     "prompt": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer", "neg:terrible,pos:great"],
     "bidirectional": ["--strategy", "bidirectional", "--align-weight", "0.5"],
     "lora": ["--strategy", "lora", "--lora-rank", "2", "--lora-alpha", "4"],
+    "full_packed": ["--pack"],
     "full_fgm": ["--adversarial", "fgm", "--fgm-epsilon", "0.5", "--class-weights", "inverse", "--layer-decay", "0.9", "--dropout", "0.0"],
 }
 
@@ -119,6 +120,19 @@ def test_every_strategy_end_to_end(env, name):
         assert {"mlm_accuracy_before", "mlm_accuracy_after"} <= set(m["bidirectional"])
     if name == "prompt":
         assert (out / "model/prompt.json").exists()
+
+
+def test_packed_batches_score_like_padded_ones(env):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(env["init"], num_labels=2).eval()
+    tok = Tokenizer.from_file(env["init"])
+    texts = [t for t, _ in sentences(10, 7)] + ["good", "the film was very very very bad and the plot was not good at all"]
+    plain, packed = predict.PlainInputs(tok, 24), predict.PackedInputs(tok, 24)
+    items = plain.encode(texts)
+    batch = packed.collate(items)
+    assert batch["input_ids"].shape[0] < len(texts)  # really packed: fewer rows than texts
+    with torch.no_grad():
+        torch.testing.assert_close(packed.scores(model, batch), plain.scores(model, plain.collate(items)), rtol=1e-4, atol=1e-5)
 
 
 def test_partial_really_freezes(env):
