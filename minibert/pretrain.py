@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import pretraining_data as pd
 from .checkpoint import CheckpointError, atomic_write_text
-from .model import PRESETS, BertConfig, BertForPreTraining
+from .model import PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
 from .optim import build_optimizer, warmup_linear
 from .text import CorpusError
 from .tokenizer import Tokenizer
@@ -77,11 +77,16 @@ class PretrainConfig:
     whole_word_mask: bool = _f(False, "choose whole words (a token and its ## pieces) for masking", True)
     static_masking: bool = _f(False, "draw pairs and masks once and repeat them each epoch (default: fresh each epoch)", True)
     no_nsp: bool = _f(False, "no next-sentence prediction: one segment per instance, MLM loss only (RoBERTa-style)", True)
-    eval_fraction: float = _f(0.02, "fraction of the documents held out for evaluation", True)
+    eval_fraction: float = _f(0.05, "fraction of the documents held out for evaluation", True)
     eval_size: int = _f(512, "held-out instances evaluated (at most)", True)
     # model
     preset: str = _f("tiny", "model size (Google's small-BERT grid)", True, choices=list(PRESETS))
     dropout: Optional[float] = _f(None, "dropout on hidden states and attention (default: the preset's 0.1)", True)
+    position_init: str = _f("random", "initial learned position table: 'random' (BERT's N(0, 0.02)) or 'sinusoidal' "
+                            "(the sinusoidal encoding scaled to the same std: nearby positions start out alike; still a standard BERT)",
+                            True, choices=["random", "sinusoidal"])
+    norm_position: str = _f("post", "'post': BERT's LayerNorm after each residual; 'pre': before (a deviation: stabler at high learning rates, "
+                            "but other libraries load such a model as post-LN, i.e. wrongly)", True, choices=["post", "pre"])
     # optimisation
     batch_size: int = _f(32, "rows per micro-batch, per process", True)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", True)
@@ -330,8 +335,12 @@ def setup(cfg: PretrainConfig, device: str, dist: Dist, log) -> Run:
         torch.distributed.barrier()
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    overrides = {} if cfg.dropout is None else {"dropout": cfg.dropout, "attention_dropout": cfg.dropout}
+    overrides = {"norm_position": cfg.norm_position}
+    if cfg.dropout is not None:
+        overrides.update(dropout=cfg.dropout, attention_dropout=cfg.dropout)
     model = BertForPreTraining(BertConfig.from_preset(cfg.preset, vocab_size=data.tok.vocab_size, **overrides)).to(device)
+    if cfg.position_init == "sinusoidal":
+        init_positions_sinusoidal(model)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     sched = warmup_linear(opt, cfg.warmup, cfg.max_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.fp16 and device.startswith("cuda"))
@@ -364,6 +373,20 @@ def setup(cfg: PretrainConfig, device: str, dist: Dist, log) -> Run:
     log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f}M parameters, vocab {data.tok.vocab_size}, "
         f"device {device}, {dist.world} process(es), global batch {cfg.batch_size * cfg.grad_accum * dist.world}")
     return Run(model, net, opt, sched, scaler, data, dist, device, autocast_ctx(cfg, device), out, metrics, tb, step, best_loss, clock)
+
+
+def init_positions_sinusoidal(model: BertForPreTraining) -> None:
+    """Start the learned position table from the sinusoidal encoding, scaled to BERT's init std.
+
+    Randomly initialised positions carry no notion of "near": the model has to learn which
+    positions neighbour each other before attention can use local context. Sinusoids give
+    that from step 0. Only the starting point changes; the table is trained as usual, so the
+    model is a standard BERT that any library loads.
+    """
+    table = model.bert.embeddings.pos.weight  # (max_position, H)
+    pe = sinusoidal_encoding(table.size(0), table.size(1))  # (max_position, H), entries in [-1, 1]
+    with torch.no_grad():
+        table.copy_(pe * (model.config.initializer_range / pe.std()))
 
 
 def evaluate_and_keep_best(run: Run, cfg: PretrainConfig) -> dict:

@@ -120,7 +120,7 @@ def get_tokenizer(
         try:
             return Tokenizer.from_file(spec)
         except Exception as e:  # OSError, ValueError, or the Rust loader's own exception type
-            raise CorpusError(f"tokenizer {spec}: cannot load it ({e})") from None
+            raise ValueError(f"--tokenizer {spec}: cannot load it ({e})") from None
     key = cache_key(kind="tokenizer", files=corpus_fingerprint(files), vocab_size=vocab_size, errors=errors)
     folder = Path(cache_dir) / f"tokenizer-{key}"
     if (folder / "tokenizer.json").exists():

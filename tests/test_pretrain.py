@@ -241,6 +241,12 @@ def test_bad_corpus_exits_nonzero_naming_the_file(setup, capsys, content, expect
     assert re.search(expected, err), err
 
 
+def test_unreadable_tokenizer_is_named(setup, capsys, tmp_path):
+    (tmp_path / "vocab.txt").write_text("", encoding="utf-8")
+    assert pretrain.main(cli(setup["opts"], tokenizer=tmp_path / "vocab.txt", out=tmp_path / "out")) == 1
+    assert f"--tokenizer {tmp_path / 'vocab.txt'}: cannot load it" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_settings_and_missing_state(setup, reference, capsys, tmp_path):
     assert pretrain.main(setup["args"] + ["--out", str(tmp_path), "--resume"]) == 1
     assert "train_state.pt not found" in capsys.readouterr().err
