@@ -34,6 +34,14 @@ def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
     return tok
 
 
+def _is_bert_punctuation(c: str) -> bool:
+    """What BERT's pre-tokeniser splits off as a word of its own (so "##c" is never needed)."""
+    import unicodedata
+
+    o = ord(c)
+    return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
+
+
 class Tokenizer:
     """Encode text for BERT; train a vocabulary; load or save vocab.txt / tokenizer.json."""
 
@@ -46,6 +54,9 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is None]
         if missing:
             raise ValueError(f"vocabulary lacks the special tokens {missing}")
+        # the specials are whole tokens wherever they appear in text, and decode() drops them
+        # (as in Google's BERT tokenizer); they are in the vocabulary already, so no id changes
+        self._tok.add_special_tokens(SPECIAL_TOKENS)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._tok.token_to_id(t) for t in SPECIAL_TOKENS)
         self.special_ids = frozenset((self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
         # saved tokenizer.json files add [CLS]/[SEP] themselves, so other libraries use them as-is;
@@ -107,17 +118,35 @@ class Tokenizer:
         min_frequency: int = 2,
         show_progress: bool = False,
     ) -> "Tokenizer":
-        """Learn a WordPiece vocabulary from text files (the specials get ids 0..4)."""
-        tok = _pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
+        """Learn a WordPiece vocabulary from text files (the specials get ids 0..4).
+
+        The same files always give the same vocabulary. `tokenizers`' trainer on its own does
+        not: it creates the "##c" continuation pieces while iterating over a hash map, so their
+        ids -- which break ties between equally frequent merges -- change from process to
+        process (huggingface/tokenizers#1794). Declaring every "##c" up front, in sorted order,
+        leaves nothing to create in hash order; afterwards the vocabulary is rebuilt as a plain
+        WordPiece model so that those pieces are ordinary tokens, not special ones.
+        """
+        files = [str(f) for f in files]
+        norm = _pipeline(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"), lowercase).normalizer
+        chars: set[str] = set()
+        for f in files:
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), ""):
+                    chars.update(chunk)
+        pieces = {c for ch in chars for c in norm.normalize_str(ch) if not c.isspace() and not _is_bert_punctuation(c)}
+        continuing = ["##" + c for c in sorted(pieces)]
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=SPECIAL_TOKENS + continuing,
             continuing_subword_prefix="##",
             show_progress=show_progress,
         )
-        tok.train([str(f) for f in files], trainer)
-        return cls(tok, lowercase)
+        tok = _pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
+        tok.train(files, trainer)
+        vocab = tok.get_vocab(with_added_tokens=False)
+        return cls(_pipeline(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100), lowercase), lowercase)
 
     def save(self, folder: Union[str, os.PathLike]) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""

@@ -80,6 +80,18 @@ def test_trained_tokenizer_round_trip(tmp_path):
     assert Tokenizer.from_file(tmp_path / "tok").encode("the cats")["input_ids"] == tok.encode("the cats")["input_ids"]
 
 
+def test_trained_vocabulary_is_the_same_every_time(tmp_path):
+    """`tokenizers`' WordPieceTrainer alone gives a different vocabulary almost every time on
+    this tie-rich text (30 of 30 distinct when this test was written: huggingface/tokenizers#1794);
+    Tokenizer.train must give one, or --seed could not reproduce a pretraining run."""
+    text = tmp_path / "t.txt"
+    text.write_text("Wel come to the Tok en izers libr ary.\nwelcome tokenizers library token sizer\n" * 3)
+    vocabs = {tuple(sorted(Tokenizer.train([text], vocab_size=60, min_frequency=1)._tok.get_vocab().items())) for _ in range(12)}
+    assert len(vocabs) == 1
+    tok = Tokenizer.train([text], vocab_size=60, min_frequency=1)
+    assert tok.tokenize("##a")[-1] == "a"  # the declared "##a" is an ordinary piece, not a special token
+
+
 def test_truncated_safetensors_gives_clear_error(tmp_path):
     BertModel(BertConfig(**CFG)).save_pretrained(tmp_path)
     f = tmp_path / "model.safetensors"
