@@ -76,11 +76,11 @@ def main() -> None:
             print(f"  {name} failed (exit {rc}); see {out / (name + '.log')}", flush=True)
             continue
         (run_dir / "wall.json").write_text(json.dumps({"wall_seconds": round(wall, 1), "load_average_at_end": os.getloadavg()[0], "command": cmd[1:]}) + "\n")
-        write_table(out, args.name)
-    write_table(out, args.name)
+        write_table(out, args.name, args.threads)
+    write_table(out, args.name, args.threads)
 
 
-def write_table(out: Path, name: str) -> None:
+def write_table(out: Path, name: str, threads: int) -> None:
     lines = [f"| method ({name}) | test acc | test F1 | dev acc (500) | trainable params | steps | wall | device |", "|---|---|---|---|---|---|---|---|"]
     for key, (label, _) in ROWS.items():
         d = out / key
@@ -93,7 +93,7 @@ def write_table(out: Path, name: str) -> None:
             b = m["bidirectional"]
             extra = f" (M_pre MLM acc {b['mlm_accuracy_before']:.3f} -> {b['mlm_accuracy_after']:.3f})"
         lines.append(f"| {label}{extra} | {100 * m['test']['accuracy']:.1f} | {100 * m['test']['f1']:.1f} | {100 * m['dev']['accuracy']:.1f} | "
-                     f"{m.get('trainable_parameters', 0):,} | {m['train']['steps']} | {wall / 60:.1f} min | {m['train']['device']}, 1 thread |")
+                     f"{m.get('trainable_parameters', 0):,} | {m['train']['steps']} | {wall / 60:.1f} min | {m['train']['device']}, {threads} thread{'s' if threads > 1 else ''} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
