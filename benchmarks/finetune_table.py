@@ -81,6 +81,7 @@ def main() -> None:
 
 
 def write_table(out: Path, name: str, threads: int) -> None:
+    footnote = ""
     lines = [f"| method ({name}) | test acc | test F1 | dev acc (500) | trainable params | steps | wall | device |", "|---|---|---|---|---|---|---|---|"]
     for key, (label, _) in ROWS.items():
         d = out / key
@@ -89,12 +90,16 @@ def write_table(out: Path, name: str, threads: int) -> None:
         m = json.loads((d / "metrics.json").read_text())
         wall = json.loads((d / "wall.json").read_text())["wall_seconds"] if (d / "wall.json").exists() else float("nan")
         extra = ""
-        if "bidirectional" in m:
+        no_mlm_head = "no masked-LM head" in m.get("warning", "")
+        if "bidirectional" in m and not no_mlm_head:
             b = m["bidirectional"]
             extra = f" (M_pre MLM acc {b['mlm_accuracy_before']:.3f} -> {b['mlm_accuracy_after']:.3f})"
+        if no_mlm_head:
+            extra += " *"
+            footnote = "\n\n\\* the checkpoint has no masked-LM head: the prompt rows read an untrained head, and M_pre's MLM accuracy means nothing"
         lines.append(f"| {label}{extra} | {100 * m['test']['accuracy']:.1f} | {100 * m['test']['f1']:.1f} | {100 * m['dev']['accuracy']:.1f} | "
                      f"{m.get('trainable_parameters', 0):,} | {m['train']['steps']} | {wall / 60:.1f} min | {m['train']['device']}, {threads} thread{'s' if threads > 1 else ''} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.md").write_text("\n".join(lines) + footnote + "\n")
     print("\n".join(lines), flush=True)
 
 
