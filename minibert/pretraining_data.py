@@ -121,7 +121,8 @@ def get_tokenizer(
             return Tokenizer.from_file(spec)
         except Exception as e:  # OSError, ValueError, or the Rust loader's own exception type
             raise ValueError(f"--tokenizer {spec}: cannot load it ({e})") from None
-    key = cache_key(kind="tokenizer", files=corpus_fingerprint(files), vocab_size=vocab_size, errors=errors)
+    # trainer: bump when Tokenizer.train changes what it makes, so no stale vocabulary is reused
+    key = cache_key(kind="tokenizer", files=corpus_fingerprint(files), vocab_size=vocab_size, errors=errors, trainer=2)
     folder = Path(cache_dir) / f"tokenizer-{key}"
     if (folder / "tokenizer.json").exists():
         log(f"tokenizer: reusing {folder}")

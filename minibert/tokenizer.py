@@ -34,14 +34,6 @@ def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
     return tok
 
 
-def _is_bert_punctuation(c: str) -> bool:
-    """What BERT's pre-tokeniser splits off as a word of its own (so "##c" is never needed)."""
-    import unicodedata
-
-    o = ord(c)
-    return 33 <= o <= 47 or 58 <= o <= 64 or 91 <= o <= 96 or 123 <= o <= 126 or unicodedata.category(c).startswith("P")
-
-
 class Tokenizer:
     """Encode text for BERT; train a vocabulary; load or save vocab.txt / tokenizer.json."""
 
@@ -123,19 +115,21 @@ class Tokenizer:
         The same files always give the same vocabulary. `tokenizers`' trainer on its own does
         not: it creates the "##c" continuation pieces while iterating over a hash map, so their
         ids -- which break ties between equally frequent merges -- change from process to
-        process (huggingface/tokenizers#1794). Declaring every "##c" up front, in sorted order,
+        process (huggingface/tokenizers#1794). Declaring those pieces up front, in sorted order,
         leaves nothing to create in hash order; afterwards the vocabulary is rebuilt as a plain
-        WordPiece model so that those pieces are ordinary tokens, not special ones.
+        WordPiece model so that they are ordinary tokens, not special ones. The pieces declared
+        are exactly the ones the trainer would create -- "##c" for every character c that occurs
+        inside a word -- so no vocabulary slot goes to a piece the text never needs.
         """
         files = [str(f) for f in files]
-        norm = _pipeline(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"), lowercase).normalizer
-        chars: set[str] = set()
+        pipe = _pipeline(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]"), lowercase)
+        inner: set[str] = set()  # characters seen after the first of a pre-tokenised word
         for f in files:
             with open(f, encoding="utf-8", errors="replace") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), ""):
-                    chars.update(chunk)
-        pieces = {c for ch in chars for c in norm.normalize_str(ch) if not c.isspace() and not _is_bert_punctuation(c)}
-        continuing = ["##" + c for c in sorted(pieces)]
+                for line in fh:
+                    for word, _ in pipe.pre_tokenizer.pre_tokenize_str(pipe.normalizer.normalize_str(line)):
+                        inner.update(word[1:])
+        continuing = ["##" + c for c in sorted(inner)]
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size,
             min_frequency=min_frequency,

@@ -92,6 +92,24 @@ def test_trained_vocabulary_is_the_same_every_time(tmp_path):
     assert tok.tokenize("##a")[-1] == "a"  # the declared "##a" is an ordinary piece, not a special token
 
 
+def test_trained_vocabulary_spends_no_slot_on_pieces_the_trainer_would_not_make(tmp_path):
+    """The "##c" pieces declared for determinism are exactly the trainer's own alphabet: a
+    character that only ever starts a word ("Ω", "z" here) gets no "##" piece, one that occurs
+    inside a word ("ø") does. Reference: `tokenizers`' WordPieceTrainer run on its own."""
+    from tokenizers import Tokenizer as RustTokenizer, models, normalizers, pre_tokenizers, trainers
+
+    text = tmp_path / "t.txt"
+    text.write_text("Ωmega café zebra, naïve smørrebrød! Ωhm zoo\nthe cafés of the zone.\n" * 3)
+    raw = RustTokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train([str(text)], trainers.WordPieceTrainer(vocab_size=200, min_frequency=1, special_tokens=["[UNK]"]))
+    alphabet = lambda vocab: {t for t in vocab if t.startswith("##") and len(t) == 3}  # noqa: E731
+    ours = alphabet(Tokenizer.train([text], vocab_size=200, min_frequency=1)._tok.get_vocab())
+    assert ours == alphabet(raw.get_vocab())
+    assert "##ø" in ours and "##ω" not in ours and "##z" not in ours
+
+
 def test_truncated_safetensors_gives_clear_error(tmp_path):
     BertModel(BertConfig(**CFG)).save_pretrained(tmp_path)
     f = tmp_path / "model.safetensors"
