@@ -43,9 +43,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import json
 import platform
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -221,33 +223,16 @@ def infer_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -
     return step
 
 
-def hf_models(cfg: BertConfig) -> tuple[nn.Module, nn.Module]:
-    """transformers' BertForPreTraining and BertModel with our config (SDPA attention, same dropout).
-
-    transformers is an optional extra: imported here only, never when minibert is imported.
-    """
-    import transformers
-
-    if cfg.position_embedding != "learned" or cfg.norm_position != "post":
-        raise ValueError("--compare-hf needs BERT's own architecture (learned positions, post-LN)")
-    hf_cfg = transformers.BertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size,
-        hidden_act="gelu",  # the exact erf GELU, as ours
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position,
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id,
-        attn_implementation="sdpa",  # its fastest attention available on CPU and GPU without extras
-    )
-    # no pooler on the encoder: our BertModel.forward does not compute it either
-    return transformers.BertForPreTraining(hf_cfg), transformers.BertModel(hf_cfg, add_pooling_layer=False)
+def load_hf_models() -> Callable[[BertConfig], tuple[nn.Module, nn.Module]]:
+    """--compare-hf: the transformers models are built by benchmarks/hf_reference.py, in the
+    repository but outside the package -- minibert itself never imports transformers."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_reference.py"
+    if not path.exists():
+        raise SystemExit(f"--compare-hf needs a checkout of the repository ({path} is missing) and transformers")
+    spec = importlib.util.spec_from_file_location("minibert_hf_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.hf_models
 
 
 # -----------------------------------------------------------------------------
@@ -330,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     models = {"minibert": (BertForPreTraining(cfg), BertModel(cfg))}
     if args.compare_hf:
-        models["transformers"] = hf_models(cfg)
+        models["transformers"] = load_hf_models()(cfg)
     train_steps, infer_steps = {}, {}
     for name, (pretrain, encoder) in models.items():
         pretrain, encoder = pretrain.to(device), encoder.to(device)
