@@ -137,14 +137,19 @@ def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(setup, reference):
     assert_same_weights(reference, out)
 
 
+def rescore(setup, out: Path) -> dict:
+    """Load the output folder with from_pretrained and score it on the run's held-out split, in float32."""
+    model = BertForPreTraining.from_pretrained(out)
+    cfg = pretrain.parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(out)], "test", "")
+    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(out), log=lambda *a: None)
+    return pretrain.evaluate(model, data.eval_batches, data.baseline_id, "cpu")
+
+
 def test_output_folder_loads_and_scores_as_at_the_end_of_training(setup, reference):
     final = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["kind"] == "eval" and final["step"] == STEPS
-    model = BertForPreTraining.from_pretrained(reference)
-    assert model.load_report["initialised"] == []
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(reference)], "test", "")
-    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(reference), log=lambda *a: None)
-    res = pretrain.evaluate(model, data.eval_batches, data.baseline_id, "cpu")
+    assert BertForPreTraining.from_pretrained(reference).load_report["initialised"] == []
+    res = rescore(setup, reference)
     for k in ("mlm_acc", "mlm_loss", "nsp_acc", "baseline_acc"):
         assert res[k] == pytest.approx(final[k], abs=1e-6), k
     assert final["loss"] < train_records(reference)[0]["loss"] - 0.3  # it learned (random words: no more than their frequencies)
@@ -211,10 +216,7 @@ def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys)
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
     assert any(y["loss"] != x["loss"] for x, y in zip(a, b))  # bf16 really ran
     final = [json.loads(x) for x in (setup["tmp"] / "bf16" / "metrics.jsonl").read_text().splitlines()][-1]
-    model = BertForPreTraining.from_pretrained(setup["tmp"] / "bf16")
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(setup["tmp"] / "bf16")], "test", "")
-    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(setup["tmp"] / "bf16"), log=lambda *a: None)
-    res = pretrain.evaluate(model, data.eval_batches, data.baseline_id, "cpu")
+    res = rescore(setup, setup["tmp"] / "bf16")
     assert res["mlm_loss"] == pytest.approx(final["mlm_loss"], abs=1e-6)
 
 
