@@ -409,8 +409,11 @@ class BertModel(PretrainedMixin, nn.Module):
         """Hidden states and every layer's attention probabilities, a list of L (B, nh, T, T)."""
         return self._encode(input_ids, token_type_ids, attention_mask, None, None, need_weights=True)
 
-    def pool(self, h: Tensor) -> Tensor:
-        return torch.tanh(self.pooler(h[:, 0]))  # (B, H)
+    def pool(self, h: Tensor, cls_index: Optional[Tensor] = None) -> Tensor:
+        """tanh(dense(h at [CLS])). Packed rows hold several [CLS]: cls_index (N, 2) gives each
+        one's (row, column), and the result is (N, H) in that order."""
+        cls = h[:, 0] if cls_index is None else h[cls_index[:, 0], cls_index[:, 1]]  # (B, H) or (N, H)
+        return torch.tanh(self.pooler(cls))
 
 
 # -----------------------------------------------------------------------------
@@ -441,7 +444,7 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 class PreTrainingOutput:
     loss: Optional[Tensor]  # mlm_loss + nsp_loss (or just mlm_loss without NSP labels)
     mlm_logits: Tensor  # (B, T, V) without labels; (N, V) at the labelled positions with labels
-    nsp_logits: Tensor  # (B, 2)
+    nsp_logits: Tensor  # (B, 2); (N, 2), one row per instance, for packed rows
     mlm_loss: Optional[Tensor] = None
     nsp_loss: Optional[Tensor] = None
 
@@ -467,9 +470,15 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         attention_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         next_sentence_label: Optional[Tensor] = None,
+        position_ids: Optional[Tensor] = None,
+        doc_ids: Optional[Tensor] = None,
+        cls_index: Optional[Tensor] = None,
     ) -> PreTrainingOutput:
-        h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
-        nsp_logits = self.nsp(self.bert.pool(h))  # (B, 2)
+        """Packed rows (minibert/packing.py: several instances per row) take position_ids,
+        doc_ids and cls_index instead of attention_mask; nsp_logits then has one row per
+        instance, in cls_index's order."""
+        h = self.bert(input_ids, token_type_ids, attention_mask, position_ids, doc_ids)  # (B, T, H)
+        nsp_logits = self.nsp(self.bert.pool(h, cls_index))  # (B, 2), or (N, 2) packed
         if labels is None:
             return PreTrainingOutput(None, self.mlm(h), nsp_logits)
         # Only the labelled ~15% of positions are ever scored: gather them first so the

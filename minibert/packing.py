@@ -89,6 +89,7 @@ def pack(
     seq_len: int,
     token_types: Optional[Sequence[Sequence[int]]] = None,
     pad_id: int = 0,
+    labels: Optional[Sequence[Sequence[int]]] = None,
 ) -> dict[str, Tensor]:
     """Pack sequences (each already [CLS] ... [SEP]) into rows of length seq_len.
 
@@ -97,12 +98,16 @@ def pack(
         attention_mask                                     (R, T, T) bool, block-diagonal
         cls_index                                          (N, 2) long: (row, col) of each
                                                            sequence's first token, in input order
+        labels                                             (R, T) long, only when labels are
+                                                           given (per-token MLM labels), -100
+                                                           at padding
     Give BertModel input_ids, token_type_ids, position_ids and either attention_mask or
     doc_ids: with doc_ids the model builds the mask its attention backend wants (a block
     mask for "flex", segment ids for the "triton" kernel) instead of a dense (R, T, T) one.
     """
-    if token_types is not None and [len(t) for t in token_types] != [len(s) for s in sequences]:
-        raise ValueError("token_types must have one entry per token of every sequence")
+    for name, per_tok in (("token_types", token_types), ("labels", labels)):
+        if per_tok is not None and [len(t) for t in per_tok] != [len(s) for s in sequences]:
+            raise ValueError(f"{name} must have one entry per token of every sequence")
     bins = first_fit_decreasing([len(s) for s in sequences], seq_len)
     R, T = len(bins), seq_len
     # where each sequence goes: its row, its first column, its doc id within the row
@@ -134,7 +139,7 @@ def pack(
     doc_ids = scatter(per_token(docs), 0)
     cls_index = torch.empty((len(sequences), 2), dtype=torch.long)
     cls_index[torch.tensor(order, dtype=torch.long)] = torch.tensor(list(zip(rows, cols)), dtype=torch.long).view(-1, 2)
-    return {
+    packed = {
         "input_ids": input_ids,
         "token_type_ids": token_type_ids,
         "position_ids": position_ids,
@@ -142,6 +147,9 @@ def pack(
         "attention_mask": attention_mask_from_doc_ids(doc_ids),
         "cls_index": cls_index,
     }
+    if labels is not None:
+        packed["labels"] = scatter(torch.tensor([t for i in order for t in labels[i]], dtype=torch.long), -100)
+    return packed
 
 
 def unpack_cls(hidden: Tensor, cls_index: Union[Tensor, Sequence[tuple[int, int]]]) -> Tensor:

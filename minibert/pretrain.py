@@ -77,6 +77,8 @@ class PretrainConfig:
     whole_word_mask: bool = _f(False, "choose whole words (a token and its ## pieces) for masking", True)
     static_masking: bool = _f(False, "draw pairs and masks once and repeat them each epoch (default: fresh each epoch)", True)
     no_nsp: bool = _f(False, "no next-sentence prediction: one segment per instance, MLM loss only (RoBERTa-style)", True)
+    pack: bool = _f(False, "lay several instances end to end in each row (block-diagonal attention) instead of padding each "
+                    "to the longest: the same loss with fewer rows; --batch-size still counts instances", True)
     eval_fraction: float = _f(0.05, "fraction of the documents held out for evaluation", True)
     eval_size: int = _f(512, "held-out instances evaluated (at most)", True)
     # model
@@ -152,7 +154,7 @@ def prepare_data(cfg: PretrainConfig, tok: Optional[Tokenizer], log=print) -> Da
     vocab = pd.Vocab.from_tokenizer(tok)
     nsp = not cfg.no_nsp
     stream = pd.InstanceStream(cache, train_docs, cfg.seq_len, cfg.seed, cfg.short_seq_prob, nsp, cfg.static_masking)
-    collate = pd.Collator(cache, vocab, cfg.seed, cfg.mlm_prob, cfg.whole_word_mask, nsp)
+    collate = pd.Collator(cache, vocab, cfg.seed, cfg.mlm_prob, cfg.whole_word_mask, nsp, pack_len=cfg.seq_len if cfg.pack else None)
     insts, keys = pd.eval_instances(cache, eval_docs, train_docs, cfg.seq_len, nsp, cfg.eval_size)
     # held-out masks come from a fixed seed, not --seed: every run is scored on the same positions
     eval_collate = pd.Collator(cache, vocab, pd.EVAL_SPLIT_SEED, cfg.mlm_prob, cfg.whole_word_mask, nsp)
@@ -194,10 +196,13 @@ def rank_micro_batches(data: Data, cfg: PretrainConfig, dist: Dist) -> list[dict
 
 
 def batch_counts(micro: list[dict]) -> torch.Tensor:
-    """[masked tokens, rows, real tokens] of a list of batches."""
-    return torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro)),
-                         float(sum(len(b["labels"]) for b in micro)),
-                         float(sum(int(b["attention_mask"].sum()) for b in micro))])
+    """[masked tokens, instances, real tokens, rows] of a list of batches (packed or not)."""
+    def counts(b: dict) -> list[float]:
+        packed = "cls_index" in b
+        n_inst = len(b["cls_index"]) if packed else len(b["labels"])
+        n_tok = (b["doc_ids"] != 0).sum() if packed else b["attention_mask"].sum()
+        return [float((b["labels"] != -100).sum()), float(n_inst), float(n_tok), float(len(b["input_ids"]))]
+    return torch.tensor([counts(b) for b in micro]).sum(0)
 
 
 def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
@@ -206,11 +211,11 @@ def all_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     return x
 
 
-def step_loss(out, batch: dict, n_masked: float, n_rows: float, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(out, batch: dict, n_masked: float, n_inst: float, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss, and its statistics.
 
     step loss = (sum of MLM cross-entropies over all masked tokens of the step) / n_masked
-              + (sum of NSP cross-entropies over all rows of the step) / n_rows
+              + (sum of NSP cross-entropies over all instances of the step) / n_inst
     DDP averages gradients over ranks, so each rank's share is multiplied by world.
     """
     labels = batch["labels"]
@@ -219,7 +224,7 @@ def step_loss(out, batch: dict, n_masked: float, n_rows: float, world: int) -> t
     stats = [(out.mlm_logits.argmax(-1) == targets).sum(), torch.zeros(())]
     if "next_sentence_label" in batch:
         nsl = batch["next_sentence_label"]
-        loss = loss + F.cross_entropy(out.nsp_logits.float(), nsl, reduction="sum") / n_rows
+        loss = loss + F.cross_entropy(out.nsp_logits.float(), nsl, reduction="sum") / n_inst
         stats[1] = (out.nsp_logits.argmax(-1) == nsl).sum()
     # stats: this share of the step loss (the shares add up to it over micro-batches and ranks),
     # MLM hits, NSP hits
@@ -442,13 +447,13 @@ def train_loop(run: Run, cfg: PretrainConfig, log) -> dict:
             t0 = time.time()
             micro = rank_micro_batches(run.data, cfg, dist)
             # the step's masked tokens, rows and real tokens over every micro-batch and rank
-            n_masked, n_rows, n_tok = all_sum(batch_counts(micro), dist).tolist()
+            n_masked, n_inst, n_tok, n_rows = all_sum(batch_counts(micro), dist).tolist()
             sums = torch.zeros(3)  # loss, MLM hits, NSP hits
             for k, batch in enumerate(micro):
                 batch = {key: v.to(run.device, non_blocking=True) for key, v in batch.items()}
                 no_sync = dist.enabled and k < len(micro) - 1  # all-reduce the gradients once, after the last micro-batch
                 with run.net.no_sync() if no_sync else contextlib.nullcontext(), run.amp:
-                    loss, stats = step_loss(run.net(**batch), batch, n_masked, n_rows, dist.world)
+                    loss, stats = step_loss(run.net(**batch), batch, n_masked, n_inst, dist.world)
                     if run.step + 1 == cfg.debug_nan_at_step:
                         loss, stats = loss * float("nan"), stats * float("nan")
                 run.scaler.scale(loss).backward()
@@ -465,8 +470,8 @@ def train_loop(run: Run, cfg: PretrainConfig, log) -> dict:
             run.sched.step()
             run.step += 1
             dt = time.time() - t0
-            rec = {"kind": "train", "step": run.step, "loss": loss_v, "mlm_acc": mlm_hits / n_masked, "nsp_acc": None if cfg.no_nsp else nsp_hits / n_rows,
-                   "norm": norm, "lr": run.sched.get_last_lr()[0], "ms": 1000 * dt, "tok_s": n_tok / dt}
+            rec = {"kind": "train", "step": run.step, "loss": loss_v, "mlm_acc": mlm_hits / n_masked, "nsp_acc": None if cfg.no_nsp else nsp_hits / n_inst,
+                   "norm": norm, "lr": run.sched.get_last_lr()[0], "ms": 1000 * dt, "tok_s": n_tok / dt, "rows": int(n_rows)}
             rec["time_s"], rec["cpu_s"] = run.elapsed()
             if dist.main:
                 bar.update(1)

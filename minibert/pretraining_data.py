@@ -38,6 +38,12 @@ What this module adds to the recipe, and why:
 * Dynamic masking (default): the pairs and the masks are drawn again each epoch, as RoBERTa
   recommends. --static-masking draws them once (epoch 0's) and only reshuffles their order,
   like running the original script with dupe_factor=1.
+* Packing (--pack, not in the original): an instance is often shorter than seq_len (a short
+  document, or the short_seq_prob draw), and padding it wastes the encoder's work on [PAD]
+  (16% of the slots on ../shared/data/corpus). With pack_len the Collator lays each batch's
+  instances end to end in rows of pack_len tokens, each with its own [CLS] and positions from
+  0, behind a block-diagonal attention mask: every instance gets exactly the outputs it would
+  get alone, so the loss is the same and a batch of b instances just needs fewer rows.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from .packing import pack
 from .text import CorpusError, document_sentences, iter_documents, resolve_paths
 from .tokenizer import Tokenizer
 
@@ -436,11 +443,17 @@ def mask_tokens(
 
 class Collator:
     """Instances -> a padded, masked batch. Each row's masks come from a generator seeded by
-    (seed, epoch, 2, instance id), so a row is the same whichever process builds it."""
+    (seed, epoch, 2, instance id), so a row is the same whichever process builds it.
 
-    def __init__(self, data: TokenCache, vocab: Vocab, seed: int, mlm_prob: float = 0.15, whole_word: bool = False, nsp: bool = True):
+    pack_len: lay the instances end to end in rows of this many tokens (minibert/packing.py)
+    instead of one per row padded to the longest: the batch then has position_ids, doc_ids
+    and cls_index instead of attention_mask, and usually fewer rows than instances.
+    """
+
+    def __init__(self, data: TokenCache, vocab: Vocab, seed: int, mlm_prob: float = 0.15, whole_word: bool = False, nsp: bool = True,
+                 pack_len: Optional[int] = None):
         self.data, self.vocab, self.seed = data, vocab, seed
-        self.mlm_prob, self.whole_word, self.nsp = mlm_prob, whole_word, nsp
+        self.mlm_prob, self.whole_word, self.nsp, self.pack_len = mlm_prob, whole_word, nsp, pack_len
 
     def row(self, inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[CLS] A [SEP] (B [SEP]) ids and segment ids of one instance."""
@@ -462,6 +475,13 @@ class Collator:
             rng = np.random.default_rng([self.seed, epoch, 2, idx])
             inputs, labels = mask_tokens(ids, self.vocab, rng, self.mlm_prob, self.whole_word)
             rows.append((inputs, types, labels))
+        if self.pack_len:
+            inputs, types, labels = zip(*rows)
+            batch = pack(inputs, self.pack_len, token_types=types, pad_id=self.vocab.pad_id, labels=labels)
+            del batch["attention_mask"]  # the model builds the block-diagonal mask from doc_ids
+            if self.nsp:
+                batch["next_sentence_label"] = torch.from_numpy(insts[:, NSP].copy())  # (N,), cls_index's order
+            return batch
         B, T = len(rows), max(len(r[0]) for r in rows)
         input_ids = np.full((B, T), self.vocab.pad_id, dtype=np.int64)
         token_type_ids = np.zeros((B, T), dtype=np.int64)

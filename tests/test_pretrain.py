@@ -203,6 +203,25 @@ def test_gradient_accumulation_equals_the_bigger_batch(setup, capsys):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_packed_rows_follow_the_padded_curve(setup, capsys):
+    """--pack lays the same instances end to end behind a block-diagonal mask: with the same
+    masks and no dropout every loss, accuracy and weight must match the padded run, on fewer rows."""
+    base = ["--max-steps", "6", "--dropout", "0", "--eval-every", "6", "--save-every", "100", "--log-every", "1",
+            "--seq-len", "96"]  # longer than most of the corpus's documents: short instances to share rows
+    assert inprocess(setup, setup["tmp"] / "padded", *base) == 0
+    assert inprocess(setup, setup["tmp"] / "packed", *base, "--pack") == 0
+    a, b = train_records(setup["tmp"] / "padded"), train_records(setup["tmp"] / "packed")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert (y["mlm_acc"], y["nsp_acc"]) == (x["mlm_acc"], x["nsp_acc"])
+    assert all(x["rows"] == 8 for x in a)  # one instance per row
+    assert sum(y["rows"] for y in b) < 0.8 * sum(x["rows"] for x in a)  # short instances share rows
+    wa, wb = weights(setup["tmp"] / "padded"), weights(setup["tmp"] / "packed")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
 def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys):
     """--bf16 on the CPU: bf16 autocast in the training step only. Same data, same init: the
     losses stay within 2% of float32 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding), and
