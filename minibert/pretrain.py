@@ -110,9 +110,9 @@ class PretrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     fp16: bool = _f(False, "CUDA: float16 autocast with a GradScaler instead of bfloat16", True)
     fp32: bool = _f(False, "CUDA: no autocast at all (default there: bfloat16)", True)
-    bf16: bool = _f(False, "CPU: bfloat16 autocast for training steps (1.3x faster mini steps on a 2-core AVX512-BF16 EPYC; "
-                    "slower on CPUs without bf16 instructions; learned less per step than float32 in benchmarks/pretrain_results.md). "
-                    "Evaluation stays float32", True)
+    bf16: bool = _f(False, "CPU: bfloat16 autocast for training steps (1.35x faster mini steps on a 2-core AVX512-BF16 EPYC, "
+                    "with the float32 held-out curve step for step, benchmarks/pretrain_results.md; slower on CPUs without bf16 "
+                    "instructions). Evaluation stays float32", True)
     tensorboard: bool = _f(False, "also log to <out>/tensorboard (needs the tensorboard package)")
     debug_nan_at_step: int = _f(0, "test hook: make the loss NaN at this step", hidden=True)
 
