@@ -203,14 +203,23 @@ def test_gradient_accumulation_equals_the_bigger_batch(setup, capsys):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+# six logged steps without dropout, scored at the end: two such runs differ only by their options
+SIX_STEPS = ["--max-steps", "6", "--dropout", "0", "--eval-every", "6", "--save-every", "100", "--log-every", "1"]
+
+
+def plain_and_flagged(setup, base: list[str], flag: str, names: tuple[str, str]) -> tuple[list[dict], list[dict]]:
+    """Run `base` into tmp/names[0] and `base + flag` into tmp/names[1]; their training records."""
+    plain, flagged = (setup["tmp"] / n for n in names)
+    assert inprocess(setup, plain, *base) == 0
+    assert inprocess(setup, flagged, *base, flag) == 0
+    return train_records(plain), train_records(flagged)
+
+
 def test_packed_rows_follow_the_padded_curve(setup, capsys):
     """--pack lays the same instances end to end behind a block-diagonal mask: with the same
     masks and no dropout every loss, accuracy and weight must match the padded run, on fewer rows."""
-    base = ["--max-steps", "6", "--dropout", "0", "--eval-every", "6", "--save-every", "100", "--log-every", "1",
-            "--seq-len", "96"]  # longer than most of the corpus's documents: short instances to share rows
-    assert inprocess(setup, setup["tmp"] / "padded", *base) == 0
-    assert inprocess(setup, setup["tmp"] / "packed", *base, "--pack") == 0
-    a, b = train_records(setup["tmp"] / "padded"), train_records(setup["tmp"] / "packed")
+    base = [*SIX_STEPS, "--seq-len", "96"]  # longer than most of the corpus's documents: short instances to share rows
+    a, b = plain_and_flagged(setup, base, "--pack", ("padded", "packed"))
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
@@ -226,10 +235,7 @@ def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys)
     """--bf16 on the CPU: bf16 autocast in the training step only. Same data, same init: the
     losses stay within 2% of float32 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding), and
     the held-out scores are computed in float32, so the saved folder rescores exactly."""
-    base = ["--max-steps", "6", "--dropout", "0", "--eval-every", "6", "--save-every", "100", "--log-every", "1"]
-    assert inprocess(setup, setup["tmp"] / "fp32", *base) == 0
-    assert inprocess(setup, setup["tmp"] / "bf16", *base, "--bf16") == 0
-    a, b = train_records(setup["tmp"] / "fp32"), train_records(setup["tmp"] / "bf16")
+    a, b = plain_and_flagged(setup, SIX_STEPS, "--bf16", ("fp32", "bf16"))
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
