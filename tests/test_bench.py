@@ -110,3 +110,26 @@ def test_bench_json_is_machine_readable(capsys):
     assert train["tokens_per_s"] == pytest.approx(2 * 32 / (train["ms_p50"] / 1e3))
     assert 0 < train["mfu_vs_matmul"] and train["mfu_vs_datasheet"] is None  # no datasheet figure for a CPU
     assert printed["speedup"] == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+@pytest.mark.parametrize("which, compiled", [(None, []), ("both", ["minibert", "transformers"]), ("minibert", ["minibert"])])
+def test_bench_compile_picks_the_models(monkeypatch, capsys, which, compiled):
+    # torch.compile swapped for a recorder that returns the model unchanged: this checks which
+    # models the flag reaches (compiling for real costs a minute on the CPU and tests torch)
+    import minibert.bench as bench
+
+    seen = []
+
+    def record(model):
+        seen.append("transformers" if type(model).__module__.startswith("transformers") else "minibert")
+        return model
+
+    monkeypatch.setattr(bench.torch, "compile", record)
+    flag = [] if which is None else (["--compile"] if which == "both" else ["--compile", which])
+    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--compare-hf", *flag])
+    assert seen == [name for name in compiled for _ in ("pretrain", "encoder")]
+    assert result["compile"] == which
+    header = capsys.readouterr().out.splitlines()[0]
+    assert ("compiled" in header) == (which is not None)
+    assert ("transformers eager" in header) == (which == "minibert")
