@@ -90,12 +90,14 @@ def pack(
     token_types: Optional[Sequence[Sequence[int]]] = None,
     pad_id: int = 0,
     labels: Optional[Sequence[Sequence[int]]] = None,
+    dense_mask: bool = True,
 ) -> dict[str, Tensor]:
     """Pack sequences (each already [CLS] ... [SEP]) into rows of length seq_len.
 
     Returns a dict of tensors:
         input_ids, token_type_ids, position_ids, doc_ids   (R, T) long
-        attention_mask                                     (R, T, T) bool, block-diagonal
+        attention_mask                                     (R, T, T) bool, block-diagonal;
+                                                           left out when dense_mask=False
         cls_index                                          (N, 2) long: (row, col) of each
                                                            sequence's first token, in input order
         labels                                             (R, T) long, only when labels are
@@ -103,7 +105,8 @@ def pack(
                                                            at padding
     Give BertModel input_ids, token_type_ids, position_ids and either attention_mask or
     doc_ids: with doc_ids the model builds the mask its attention backend wants (a block
-    mask for "flex", segment ids for the "triton" kernel) instead of a dense (R, T, T) one.
+    mask for "flex", segment ids for the "triton" kernel) instead of a dense (R, T, T) one,
+    and callers that do so pass dense_mask=False to skip building it.
     """
     for name, per_tok in (("token_types", token_types), ("labels", labels)):
         if per_tok is not None and [len(t) for t in per_tok] != [len(s) for s in sequences]:
@@ -144,9 +147,10 @@ def pack(
         "token_type_ids": token_type_ids,
         "position_ids": position_ids,
         "doc_ids": doc_ids,
-        "attention_mask": attention_mask_from_doc_ids(doc_ids),
         "cls_index": cls_index,
     }
+    if dense_mask:
+        packed["attention_mask"] = attention_mask_from_doc_ids(doc_ids)
     if labels is not None:
         packed["labels"] = scatter(torch.tensor([t for i in order for t in labels[i]], dtype=torch.long), -100)
     return packed

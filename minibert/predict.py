@@ -65,9 +65,8 @@ class PackedInputs(PlainInputs):
     each sentence's [CLS] state is gathered back and goes through the usual head."""
 
     def collate(self, items: Sequence[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
-        b = pack([ids for ids, _ in items], self.max_len, [types for _, types in items], pad_id=self.tok.pad_id)
-        del b["attention_mask"]  # the model builds the block-diagonal mask it needs from doc_ids
-        return b
+        # no dense (R, T, T) mask: the model builds the block-diagonal mask it needs from doc_ids
+        return pack([ids for ids, _ in items], self.max_len, [types for _, types in items], pad_id=self.tok.pad_id, dense_mask=False)
 
     @staticmethod
     def scores(model: BertForSequenceClassification, batch: dict[str, Tensor]) -> Tensor:

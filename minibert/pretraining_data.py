@@ -477,8 +477,8 @@ class Collator:
             rows.append((inputs, types, labels))
         if self.pack_len:
             inputs, types, labels = zip(*rows)
-            batch = pack(inputs, self.pack_len, token_types=types, pad_id=self.vocab.pad_id, labels=labels)
-            del batch["attention_mask"]  # the model builds the block-diagonal mask from doc_ids
+            # no dense (R, T, T) mask: the model builds the block-diagonal mask from doc_ids
+            batch = pack(inputs, self.pack_len, token_types=types, pad_id=self.vocab.pad_id, labels=labels, dense_mask=False)
             if self.nsp:
                 batch["next_sentence_label"] = torch.from_numpy(insts[:, NSP].copy())  # (N,), cls_index's order
             return batch

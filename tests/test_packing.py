@@ -40,7 +40,8 @@ def packed_vs_alone(attn_impl: str, use_doc_ids: bool) -> None:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     seqs, types = random_sequences(9, 1, 12, seed=1)
-    batch = pack(seqs, seq_len=24, token_types=types)
+    batch = pack(seqs, seq_len=24, token_types=types, dense_mask=not use_doc_ids)
+    assert ("attention_mask" in batch) == (not use_doc_ids)  # built only when asked for
     assert batch["input_ids"].size(0) < len(seqs)  # several sequences really share rows
     if use_doc_ids:  # the model builds the block-diagonal mask (or its kernel's equivalent) itself
         mask = {"doc_ids": batch["doc_ids"]}
