@@ -288,6 +288,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--attn-impl", choices=list(ATTN_IMPLS), default="sdpa")
+    p.add_argument("--fused-kernels", action="store_true", help="minibert's fused ops: add+LayerNorm, bias+GELU, chunked MLM decoder + loss")
     p.add_argument(
         "--compile",
         nargs="?",
@@ -314,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    cfg = BertConfig.from_preset(args.preset, attn_impl=args.attn_impl)
+    cfg = BertConfig.from_preset(args.preset, attn_impl=args.attn_impl, fused_kernels=args.fused_kernels)
     T = args.seq_len
     B_infer = args.infer_batch_size or args.batch_size
     train_batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch_size, T, gen).items()}
@@ -376,6 +377,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "infer_batch_size": B_infer,
         "dtype": dtype_name,
         "attn_impl": args.attn_impl,
+        "fused_kernels": args.fused_kernels,
         "compile": args.compile,  # None, "both" or "minibert"
         "predicted_fraction": predicted,
         "matmul_flops_per_s": probe_flops / quantiles(probe_all)[1],
@@ -398,7 +400,7 @@ def format_report(r: dict) -> str:
     peak = f"{r['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s" if r["datasheet_flops_per_s"] else "unknown"
     lines = [
         f"device: {r['device']} ({r['threads']} threads), torch {r['torch']}, {r['dtype']}"
-        f"{COMPILED.get(r['compile'], '')}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
+        f"{COMPILED.get(r['compile'], '')}; minibert attention {r['attn_impl']}{', fused kernels' if r.get('fused_kernels') else ''}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
         f"datasheet peak {peak}; MLM predicts {r['predicted_fraction']:.1%} of tokens",
         "",
         "| model | task | preset | batch | seq | ms/step median (p10-p90) | tokens/s | step mem MiB | MFU vs matmul | MFU vs datasheet |",

@@ -158,11 +158,12 @@ def config_to_hf(cfg) -> dict:
         "pad_token_id": cfg.pad_token_id,
         "position_embedding_type": "absolute",
         "classifier_dropout": cfg.classifier_dropout,
-        # minibert's own fields; other libraries ignore unknown keys
+        # minibert's own fields; other libraries ignore unknown keys. Only what the model is:
+        # how it runs (attn_impl, fused_kernels) is the loader's choice, so a model trained
+        # with a CUDA kernel does not ask for it on a CPU (older files that name one still load)
         "minibert": {
             "position_embedding": cfg.position_embedding,
             "norm_position": cfg.norm_position,
-            "attn_impl": cfg.attn_impl,
         },
     }
     if cfg.id2label:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import metrics as M
 from .checkpoint import CheckpointError, atomic_write_text
-from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, PRESETS
+from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForMaskedLM, BertForSequenceClassification
 from .optim import param_groups, warmup_linear
 from .predict import Classifier, PackedInputs, PlainInputs, score_items, to_device
 from .strategies import FGM, Prompt, Verbalizer, add_lora, freeze_bottom, info_nce, merge_lora, sentence_repr
@@ -111,6 +111,9 @@ class FinetuneConfig:
     device: str = field(default="auto", metadata=_h("auto | cpu | cuda | cuda:N"))
     bf16: bool = field(default=True, metadata=_h("bf16 autocast on CUDA (ignored on CPU)"))
     compile: bool = field(default=False, metadata=_h("torch.compile the model"))
+    attn_impl: Optional[str] = field(default=None, metadata=_h("attention backend (default: the checkpoint's, usually sdpa): math | sdpa | "
+                                                               "flex (with --compile) | triton (CUDA); flex and triton apply no attention dropout", choices=ATTN_IMPLS))
+    fused_kernels: bool = field(default=False, metadata=_h("fused add+LayerNorm and bias+GELU (Triton kernels on CUDA; the same function)"))
     threads: int = field(default=0, metadata=_h("CPU threads for torch (0 = torch's default; 1 is faster on a crowded machine)"))
     log_every: int = field(default=50, metadata=_h("print a log line every N steps"))
     progress: bool = field(default=True, metadata=_h("show a tqdm progress bar"))
@@ -477,6 +480,9 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         g = torch.Generator().manual_seed(cfg.data_seed)
         dev = dev.subset(sorted(torch.randperm(len(dev), generator=g)[: cfg.dev_limit].tolist()))
     learner, notes = build_learner(cfg, label_map, train, log)
+    for m in learner.modules():  # runtime choices: the layers read their config at call time
+        m.config.attn_impl = cfg.attn_impl or m.config.attn_impl
+        m.config.fused_kernels = cfg.fused_kernels
     learner.class_weight = class_weight(cfg.class_weights, train.y, label_map.num_labels)
     for m in learner.modules():
         m.to(device)

@@ -14,8 +14,10 @@ fields, flagged where they are implemented and pinned by tests:
     attn_impl="sdpa"                 (same math through torch's fused kernel)
     attn_impl="flex" | "triton"      (same math, fused kernels; NO attention-probability
                                       dropout -- a deviation while training, none at eval)
+    fused_kernels=True               (same math: fused add+LayerNorm and bias+GELU, the MLM
+                                      decoder + loss in chunks, no logits kept)
 With the defaults the module computes exactly what Google's / Hugging Face's BERT
-computes, to float precision (tests/test_parity_minilm.py).
+computes, to float precision (tests/test_parity.py).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class BertConfig:
     position_embedding: str = "learned"  # "learned" (BERT) | "sinusoidal" (deviation)
     norm_position: str = "post"  # "post" (BERT) | "pre" (deviation)
     attn_impl: str = "sdpa"  # "math" (readable, returns weights) | "sdpa" | "flex" | "triton"
-    fused_kernels: bool = False  # add+LayerNorm and bias+GELU as fused ops (minibert/kernels)
+    fused_kernels: bool = False  # add+LayerNorm, bias+GELU and the MLM decoder+loss as fused ops (minibert/kernels)
     num_labels: int = 2  # for the classification heads
     classifier_dropout: Optional[float] = None  # None -> use `dropout`
     # label names for classification heads, saved in config.json like Hugging Face does
@@ -430,9 +432,14 @@ class MLMHead(nn.Module):
         self.word_embeddings = [word_embeddings]  # a list so the tied matrix is not registered twice
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
-    def forward(self, h: Tensor) -> Tensor:
-        x = self.norm(gelu(self.dense(h)))
+    def transform(self, h: Tensor) -> Tensor:
+        return self.norm(gelu(self.dense(h)))  # (..., H)
+
+    def decode(self, x: Tensor) -> Tensor:
         return F.linear(x, self.word_embeddings[0].weight, self.bias)  # (..., V)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.decode(self.transform(h))  # (..., V)
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -443,10 +450,12 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 @dataclass
 class PreTrainingOutput:
     loss: Optional[Tensor]  # mlm_loss + nsp_loss (or just mlm_loss without NSP labels)
-    mlm_logits: Tensor  # (B, T, V) without labels; (N, V) at the labelled positions with labels
+    mlm_logits: Optional[Tensor]  # (B, T, V) without labels; (N, V) at the labelled positions with
+    # labels; None with labels and fused_kernels (the chunked loss never keeps them)
     nsp_logits: Tensor  # (B, 2); (N, 2), one row per instance, for packed rows
     mlm_loss: Optional[Tensor] = None
     nsp_loss: Optional[Tensor] = None
+    mlm_predictions: Optional[Tensor] = None  # (N,) argmax at the labelled positions, with labels
 
 
 class BertForPreTraining(PretrainedMixin, nn.Module):
@@ -484,13 +493,23 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         # Only the labelled ~15% of positions are ever scored: gather them first so the
         # V-wide decoder runs on N rows instead of B*T (the loss is the same either way).
         sel = labels.reshape(-1) != -100  # (B*T,)
-        mlm_logits = self.mlm(h.reshape(-1, h.size(-1))[sel])  # (N, V)
-        loss = m_loss = mlm_loss(mlm_logits, labels.reshape(-1)[sel])
-        n_loss = None
+        x = self.mlm.transform(h.reshape(-1, h.size(-1))[sel])  # (N, H)
+        targets = labels.reshape(-1)[sel]  # (N,)
+        if self.config.fused_kernels:
+            # the same loss, with the decoder and the cross-entropy taken a chunk of rows at a
+            # time: the (N, V) logits, their softmax and gradient are never all in memory
+            from .kernels import linear_cross_entropy
+
+            mlm_logits = None
+            m_loss, mlm_pred = linear_cross_entropy(x, self.mlm.word_embeddings[0].weight, self.mlm.bias, targets, return_predictions=True)
+        else:
+            mlm_logits = self.mlm.decode(x)  # (N, V)
+            m_loss, mlm_pred = mlm_loss(mlm_logits, targets), mlm_logits.detach().argmax(-1)
+        loss, n_loss = m_loss, None
         if next_sentence_label is not None:
             n_loss = F.cross_entropy(nsp_logits, next_sentence_label)
             loss = loss + n_loss
-        return PreTrainingOutput(loss, mlm_logits, nsp_logits, m_loss, n_loss)
+        return PreTrainingOutput(loss, mlm_logits, nsp_logits, m_loss, n_loss, mlm_pred)
 
 
 @dataclass

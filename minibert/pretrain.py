@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from . import pretraining_data as pd
 from .checkpoint import CheckpointError, atomic_write_text
-from .model import PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
+from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
 from .optim import build_optimizer, warmup_linear
 from .text import CorpusError
 from .tokenizer import Tokenizer
@@ -89,6 +89,11 @@ class PretrainConfig:
                             True, choices=["random", "sinusoidal"])
     norm_position: str = _f("post", "'post': BERT's LayerNorm after each residual; 'pre': before (a deviation: stabler at high learning rates, "
                             "but other libraries load such a model as post-LN, i.e. wrongly)", True, choices=["post", "pre"])
+    attn_impl: str = _f("sdpa", "attention backend, all the same function: 'sdpa' (torch's fused kernel), 'math' (the readable one), "
+                        "'flex' (FlexAttention, with --compile), 'triton' (minibert's FlashAttention kernel, CUDA). flex and "
+                        "triton apply no dropout to the attention probabilities", choices=list(ATTN_IMPLS))
+    fused_kernels: bool = _f(False, "fused add+LayerNorm and bias+GELU (Triton kernels on CUDA) and the MLM decoder + loss "
+                             "taken in chunks so the (masked tokens, vocab) logits are never stored (any device); the same function")
     # optimisation
     batch_size: int = _f(32, "rows per micro-batch, per process", True)
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", True)
@@ -220,8 +225,9 @@ def step_loss(out, batch: dict, n_masked: float, n_inst: float, world: int) -> t
     """
     labels = batch["labels"]
     targets = labels[labels != -100]  # (N,), same order as out.mlm_logits
-    loss = F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum") / n_masked
-    stats = [(out.mlm_logits.argmax(-1) == targets).sum(), torch.zeros(())]
+    mlm_sum, mlm_hits = mlm_sum_and_hits(out, targets)
+    loss = mlm_sum / n_masked
+    stats = [mlm_hits, torch.zeros(())]
     if "next_sentence_label" in batch:
         nsl = batch["next_sentence_label"]
         loss = loss + F.cross_entropy(out.nsp_logits.float(), nsl, reduction="sum") / n_inst
@@ -229,6 +235,17 @@ def step_loss(out, batch: dict, n_masked: float, n_inst: float, world: int) -> t
     # stats: this share of the step loss (the shares add up to it over micro-batches and ranks),
     # MLM hits, NSP hits
     return loss * world, torch.stack([loss.detach().float().cpu(), *(s.float().cpu() for s in stats)])
+
+
+def mlm_sum_and_hits(out, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed MLM cross-entropy over this batch's masked tokens and how many it got right.
+    Sums, not means, so micro-batches with different numbers of masked tokens add up right."""
+    if len(targets) == 0:  # a mean over no tokens is NaN; the sum is 0
+        return torch.zeros((), device=targets.device), torch.zeros((), dtype=torch.long, device=targets.device)
+    hits = (out.mlm_predictions == targets).sum()
+    if out.mlm_logits is None:  # fused_kernels: the chunked loss kept no logits, only their mean loss
+        return out.mlm_loss.float() * len(targets), hits
+    return F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum"), hits
 
 
 @torch.no_grad()
@@ -243,8 +260,9 @@ def evaluate(model: BertForPreTraining, batches: list[dict], baseline_id: int, d
         with amp:
             out = model(**batch)
         targets = batch["labels"][batch["labels"] != -100]
-        s[0] += F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum").item()
-        s[1] += (out.mlm_logits.argmax(-1) == targets).sum().item()
+        mlm_sum, mlm_hits = mlm_sum_and_hits(out, targets)
+        s[0] += mlm_sum.item()
+        s[1] += mlm_hits.item()
         s[2] += len(targets)
         s[3] += (targets == baseline_id).sum().item()
         if "next_sentence_label" in batch:
@@ -347,7 +365,7 @@ def setup(cfg: PretrainConfig, device: str, dist: Dist, log) -> Run:
         torch.distributed.barrier()
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    overrides = {"norm_position": cfg.norm_position}
+    overrides = {"norm_position": cfg.norm_position, "attn_impl": cfg.attn_impl, "fused_kernels": cfg.fused_kernels}
     if cfg.dropout is not None:
         overrides.update(dropout=cfg.dropout, attention_dropout=cfg.dropout)
     model = BertForPreTraining(BertConfig.from_preset(cfg.preset, vocab_size=data.tok.vocab_size, **overrides)).to(device)

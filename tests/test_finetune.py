@@ -135,6 +135,22 @@ def test_packed_batches_score_like_padded_ones(env):
         torch.testing.assert_close(packed.scores(model, batch), plain.scores(model, plain.collate(items)), rtol=1e-4, atol=1e-5)
 
 
+def test_fused_kernels_and_triton_attention_train_the_same_model(env):
+    """--fused-kernels --attn-impl triton (Triton's interpreter on the CPU, as the suite sets
+    TRITON_INTERPRET=1) compute the plain run's function: with no dropout the same weights
+    come out. The saved config names neither: how to run a model is the loader's choice."""
+    run(env, "plain_nodrop", "--dropout", "0", data=("train",))
+    run(env, "fused_nodrop", "--dropout", "0", "--fused-kernels", "--attn-impl", "triton", data=("train",))
+    a = load_file(str(env["dir"] / "plain_nodrop/model/model.safetensors"))
+    b = load_file(str(env["dir"] / "fused_nodrop/model/model.safetensors"))
+    before = load_file(str(Path(env["init"]) / "model.safetensors"))
+    assert not torch.equal(a["bert.encoder.layer.0.output.dense.weight"], before["bert.encoder.layer.0.output.dense.weight"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    saved = json.loads((env["dir"] / "fused_nodrop/model/config.json").read_text())
+    assert "attn_impl" not in saved["minibert"] and "fused_kernels" not in saved["minibert"]
+
+
 def test_partial_really_freezes(env):
     strategy_run(env, "partial")  # --freeze-layers 1
     before = load_file(str(Path(env["init"]) / "model.safetensors"))

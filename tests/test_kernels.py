@@ -300,6 +300,9 @@ def test_linear_cross_entropy_matches_cross_entropy(chunk_size: int) -> None:
     for g, w in zip(got, want):
         assert rel_err(g.grad, w.grad) < 1e-5
     assert (got[0].grad[labels == -100] == 0).all()
+    _, pred = K.linear_cross_entropy(hidden, weight, bias, labels, chunk_size=chunk_size, return_predictions=True)
+    want_pred = torch.where(labels != -100, (hidden @ weight.T + bias).argmax(-1), -100)
+    assert torch.equal(pred, want_pred)
 
 
 def test_linear_cross_entropy_bf16_and_leading_dims() -> None:

@@ -285,14 +285,19 @@ def test_fused_kernels_compute_the_same_model(impl):
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     labels = torch.full_like(ids, -100)
-    labels[:, 2] = 11
+    labels[:, 2], labels[0, 5], labels[1, 3] = 11, 40, 7
     results = []
     for fused, attn in ((False, "math"), (True, impl)):
         m.zero_grad()
         m.config.fused_kernels, m.config.attn_impl = fused, attn
         o = m(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([1, 0]))
         o.loss.backward()
-        results.append((o.loss.detach(), [p.grad.clone() for p in m.parameters()]))
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
-    for a, b in zip(results[0][1], results[1][1]):
+        results.append((o.loss.detach(), o.mlm_loss.detach(), o.mlm_predictions, o.mlm_logits, [p.grad.clone() for p in m.parameters()]))
+    (loss0, mlm0, pred0, logits0, g0), (loss1, mlm1, pred1, logits1, g1) = results
+    torch.testing.assert_close(loss0, loss1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mlm0, mlm1, atol=1e-5, rtol=1e-5)
+    # the chunked MLM loss (decoder + cross-entropy, no logits kept) predicts what the logits do
+    assert logits1 is None and pred0.shape == (4,) and torch.equal(pred0, pred1)
+    assert torch.equal(pred0, logits0.argmax(-1))
+    for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

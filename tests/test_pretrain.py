@@ -245,6 +245,20 @@ def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys)
     assert res["mlm_loss"] == pytest.approx(final["mlm_loss"], abs=1e-6)
 
 
+def test_fused_kernels_follow_the_plain_curve(setup, capsys):
+    """--fused-kernels (add+LayerNorm and bias+GELU as custom ops -- Triton under the suite's
+    TRITON_INTERPRET=1 -- and the chunked MLM decoder + loss, which keeps no logits) is the same
+    function: with no dropout every loss, accuracy and weight matches the plain run."""
+    a, b = plain_and_flagged(setup, SIX_STEPS, "--fused-kernels", ("plain", "fused"))
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert (y["mlm_acc"], y["nsp_acc"]) == (x["mlm_acc"], x["nsp_acc"])
+    wa, wb = weights(setup["tmp"] / "plain"), weights(setup["tmp"] / "fused")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, capsys):
     out = setup["tmp"] / "nan"
     assert inprocess(setup, out, "--debug-nan-at-step", "8") == 1

@@ -136,9 +136,12 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_predictions: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of `hidden @ weight.T + bias` against labels, without ever holding
     the full (N, V) logits (see minibert.kernels.cross_entropy for the memory saved).
+    With return_predictions, also each row's argmax over V (shape of labels, ignore_index
+    where the row is not labelled), since no logits are left to take it from.
 
     hidden (..., H), weight (V, H), bias (V,), labels (...) with ignore_index marking rows
     without a target. Equal to F.cross_entropy(hidden @ weight.T + bias, labels,
@@ -150,4 +153,5 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(weight.shape[0])
     hidden2 = hidden.reshape(-1, H)  # (N, H)
     labels1 = labels.reshape(-1)  # (N,)
-    return ops.linear_cross_entropy(hidden2, weight, bias, labels1, ignore_index, chunk_size)[0]
+    loss, _lse, pred = ops.linear_cross_entropy(hidden2, weight, bias, labels1, ignore_index, chunk_size)
+    return (loss, pred.view(labels.shape)) if return_predictions else loss

@@ -55,12 +55,16 @@ def forward(
     labels: torch.Tensor,
     ignore_index: int,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (mean loss over labelled rows as an fp32 scalar, lse (N,) fp32 for the backward).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (mean loss over labelled rows as an fp32 scalar, lse (N,) fp32 for the backward,
+    predictions (N,) long: each labelled row's argmax over V, ignore_index on the other rows).
+    The predictions are what an accuracy needs and the logits are gone afterwards; the argmax
+    is one more read of each chunk while it is in memory.
 
     With no labelled row the loss is 0/0 = NaN, as F.cross_entropy gives."""
     n_rows = hidden.shape[0]
     lse = torch.zeros(n_rows, dtype=torch.float32, device=hidden.device)
+    pred = torch.full((n_rows,), ignore_index, dtype=torch.long, device=hidden.device)
     rows = (labels != ignore_index).nonzero().squeeze(1)  # (n_labelled,)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, rows.numel(), chunk_size):
@@ -70,8 +74,9 @@ def forward(
         target = logits.gather(1, labels[idx].unsqueeze(1)).squeeze(1)  # (C,)
         total += (chunk_lse - target).sum()
         lse[idx] = chunk_lse
+        pred[idx] = logits.argmax(dim=1)
     loss = total / rows.numel()
-    return loss, lse
+    return loss, lse, pred
 
 
 def backward(

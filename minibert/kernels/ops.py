@@ -201,18 +201,18 @@ flash_attention.register_autograd(_flash_attention_grad, setup_context=_flash_at
 @torch.library.custom_op("minibert::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int, chunk_size: int
-) -> tuple[Tensor, Tensor]:
-    """hidden (N, H), weight (V, H), bias (V,), labels (N,). Returns the fp32 mean loss and
-    the fp32 per-row logsumexp (N,) that the backward reuses."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), bias (V,), labels (N,). Returns the fp32 mean loss, the
+    fp32 per-row logsumexp (N,) that the backward reuses, and the per-row argmax (N,) long."""
     return _lce.forward(hidden, weight, bias, labels, ignore_index, chunk_size)
 
 
 @linear_cross_entropy.register_fake
 def _(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int, chunk_size: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     loss = hidden.new_empty((), dtype=torch.float32)
-    return loss, hidden.new_empty(hidden.shape[:1], dtype=torch.float32)
+    return loss, hidden.new_empty(hidden.shape[:1], dtype=torch.float32), hidden.new_empty(hidden.shape[:1], dtype=torch.long)
 
 
 @torch.library.custom_op("minibert::linear_cross_entropy_backward", mutates_args=())
@@ -245,14 +245,14 @@ def _(
 
 def _linear_cross_entropy_setup(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, ignore_index, chunk_size = inputs
-    _loss, lse = output
-    ctx.mark_non_differentiable(lse)
+    _loss, lse, pred = output
+    ctx.mark_non_differentiable(lse, pred)
     ctx.save_for_backward(hidden, weight, bias, labels, lse)
     ctx.ignore_index = ignore_index
     ctx.chunk_size = chunk_size
 
 
-def _linear_cross_entropy_grad(ctx, grad_loss: Tensor, _dlse: Tensor):
+def _linear_cross_entropy_grad(ctx, grad_loss: Tensor, _dlse: Tensor, _dpred: Tensor):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     dh, dw, db = linear_cross_entropy_backward(
         grad_loss, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_size
