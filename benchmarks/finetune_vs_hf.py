@@ -92,7 +92,7 @@ def main() -> None:
         b = enc.collate(chunk)  # (B, T), T = longest row
         b["labels"] = labels[s * args.batch_size : (s + 1) * args.batch_size]
         b["packed"] = packer.collate(chunk)  # (R, max_len), the same texts
-        b["full"] = pad_to(b, args.max_len, tok.pad_id)  # (B, max_len)
+        b["full"] = tok.pad(chunk, args.max_len)  # (B, max_len)
         batches.append(to_device(b, device))
 
     # parity: same loss in eval mode on the first batch
@@ -171,16 +171,6 @@ def main() -> None:
         if args.pad_to_max:
             full = statistics.median(times[f"minibert padded to {args.max_len}"])
             print(f"minibert --pack throughput / minibert padded to {args.max_len} = {full / statistics.median(times['minibert --pack']):.3f}")
-
-
-def pad_to(b: dict, length: int, pad_id: int) -> dict:
-    """A dynamically padded batch widened to `length` columns: [PAD], segment 0, mask 0."""
-    extra = length - b["input_ids"].size(1)
-    return {
-        "input_ids": F.pad(b["input_ids"], (0, extra), value=pad_id),  # (B, length)
-        "token_type_ids": F.pad(b["token_type_ids"], (0, extra)),  # (B, length)
-        "attention_mask": F.pad(b["attention_mask"], (0, extra)),  # (B, length)
-    }
 
 
 def describe(device: torch.device) -> str:

@@ -400,7 +400,7 @@ def format_report(r: dict) -> str:
     peak = f"{r['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s" if r["datasheet_flops_per_s"] else "unknown"
     lines = [
         f"device: {r['device']} ({r['threads']} threads), torch {r['torch']}, {r['dtype']}"
-        f"{COMPILED.get(r['compile'], '')}; minibert attention {r['attn_impl']}{', fused kernels' if r.get('fused_kernels') else ''}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
+        f"{COMPILED.get(r['compile'], '')}; minibert attention {r['attn_impl']}{', fused kernels' if r['fused_kernels'] else ''}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
         f"datasheet peak {peak}; MLM predicts {r['predicted_fraction']:.1%} of tokens",
         "",
         "| model | task | preset | batch | seq | ms/step median (p10-p90) | tokens/s | step mem MiB | MFU vs matmul | MFU vs datasheet |",

@@ -480,11 +480,10 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         g = torch.Generator().manual_seed(cfg.data_seed)
         dev = dev.subset(sorted(torch.randperm(len(dev), generator=g)[: cfg.dev_limit].tolist()))
     learner, notes = build_learner(cfg, label_map, train, log)
-    for m in learner.modules():  # runtime choices: the layers read their config at call time
-        m.config.attn_impl = cfg.attn_impl or m.config.attn_impl
-        m.config.fused_kernels = cfg.fused_kernels
     learner.class_weight = class_weight(cfg.class_weights, train.y, label_map.num_labels)
     for m in learner.modules():
+        m.config.attn_impl = cfg.attn_impl or m.config.attn_impl  # how to run: the layers read it at call time
+        m.config.fused_kernels = cfg.fused_kernels
         m.to(device)
     if learner.class_weight is not None:
         learner.class_weight = learner.class_weight.to(device)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError
 from .model import BertForMaskedLM, BertForSequenceClassification
-from .packing import pack, unpack_cls
+from .packing import pack
 from .strategies import Prompt, Verbalizer
 from .tabular import DataError, LabelMap, read_labeled
 from .tokenizer import Tokenizer
@@ -71,8 +71,8 @@ class PackedInputs(PlainInputs):
     @staticmethod
     def scores(model: BertForSequenceClassification, batch: dict[str, Tensor]) -> Tensor:
         h = model.bert(batch["input_ids"], batch["token_type_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])  # (R, T, H)
-        cls = unpack_cls(h, batch["cls_index"])  # (N, H), in the batch's order
-        return model.classifier(model.drop(torch.tanh(model.bert.pooler(cls))))  # (N, C): BertForSequenceClassification's head
+        pooled = model.bert.pool(h, batch["cls_index"])  # (N, H): each sentence's [CLS], in the batch's order
+        return model.classifier(model.drop(pooled))  # (N, C): BertForSequenceClassification's head
 
 
 def to_device(batch, device: torch.device):

@@ -239,13 +239,12 @@ def step_loss(out, batch: dict, n_masked: float, n_inst: float, world: int) -> t
 
 def mlm_sum_and_hits(out, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed MLM cross-entropy over this batch's masked tokens and how many it got right.
-    Sums, not means, so micro-batches with different numbers of masked tokens add up right."""
+    Sums, not means, so micro-batches with different numbers of masked tokens add up right.
+    The model's own mean loss (fp32 under autocast) times the count: with or without
+    fused_kernels, no second cross-entropy over the (N, V) logits."""
     if len(targets) == 0:  # a mean over no tokens is NaN; the sum is 0
         return torch.zeros((), device=targets.device), torch.zeros((), dtype=torch.long, device=targets.device)
-    hits = (out.mlm_predictions == targets).sum()
-    if out.mlm_logits is None:  # fused_kernels: the chunked loss kept no logits, only their mean loss
-        return out.mlm_loss.float() * len(targets), hits
-    return F.cross_entropy(out.mlm_logits.float(), targets, reduction="sum"), hits
+    return out.mlm_loss.float() * len(targets), (out.mlm_predictions == targets).sum()
 
 
 @torch.no_grad()
