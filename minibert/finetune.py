@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import metrics as M
 from .checkpoint import CheckpointError, atomic_write_text
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForMaskedLM, BertForSequenceClassification
-from .optim import param_groups, warmup_linear
+from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, PackedInputs, PlainInputs, score_items, to_device
 from .strategies import FGM, Prompt, Verbalizer, add_lora, freeze_bottom, info_nce, merge_lora, sentence_repr
 from .tabular import DataError, LabeledData, LabelMap, read_labeled
@@ -541,7 +541,7 @@ def train_loop(cfg, learner, train, train_items, dev, dev_items, label_map, metr
         total = min(total, cfg.max_steps)
     params = [p for m in learner.modules() for p in m.parameters() if p.requires_grad]
     groups = [g for m in learner.modules() for g in param_groups(m, cfg.lr, cfg.weight_decay, cfg.layer_decay)]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps, fused=(device.type == "cuda") or None) if groups else None
+    opt = adamw(groups, cfg.lr, eps=cfg.adam_eps) if groups else None
     sched = warmup_linear(opt, round(cfg.warmup * total), total) if opt else None
     fgm = None
     if cfg.adversarial == "fgm":

@@ -40,6 +40,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     return [{"params": ps, "weight_decay": wd, "lr": lr * s} for (wd, s), ps in groups.items()]
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6) -> torch.optim.AdamW:
+    """AdamW over parameter groups, taking torch's fused kernel where it exists."""
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel updates each tensor in one pass instead of ~10 elementwise passes
+    # (one step of mini on 2 CPU cores: ~10% less time). It exists for CPU and CUDA
+    # floating-point tensors; anything else (e.g. MPS in older torch) takes the default.
+    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fusable or None)
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
@@ -48,13 +58,7 @@ def build_optimizer(
     eps: float = 1e-6,
     layer_decay: Optional[float] = None,
 ) -> torch.optim.AdamW:
-    groups = param_groups(model, lr, weight_decay, layer_decay)
-    params = [p for g in groups for p in g["params"]]
-    # The fused kernel updates each tensor in one pass instead of ~10 elementwise passes
-    # (one step of mini on 2 CPU cores: ~10% less time). It exists for CPU and CUDA
-    # floating-point tensors; anything else (e.g. MPS in older torch) takes the default.
-    fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fusable or None)
+    return adamw(param_groups(model, lr, weight_decay, layer_decay), lr, betas, eps)
 
 
 def warmup_linear(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

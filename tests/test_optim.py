@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minibert.model import BertConfig, BertForSequenceClassification
-from minibert.optim import build_optimizer, param_groups, warmup_linear
+from minibert.optim import adamw, build_optimizer, param_groups, warmup_linear
 
 
 def small_model(seed=0):
@@ -51,3 +51,13 @@ def test_fused_adamw_matches_plain_adamw():
             opt.zero_grad()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_adamw_takes_the_fused_kernel_for_any_groups():
+    """finetune builds its groups from several modules (LoRA, prompt, head) and calls adamw
+    directly: it gets the fused kernel on the CPU too, with the groups' own settings."""
+    m = small_model()
+    groups = param_groups(m, 2e-3, 0.01)
+    opt = adamw(groups, 2e-3, eps=1e-8)
+    assert opt.defaults["fused"] and opt.defaults["eps"] == 1e-8
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
