@@ -54,6 +54,26 @@ def test_flop_formula_matches_the_counted_matmuls():
     assert infer_flops_per_token(cfg, T) * B * T == total  # the encoder's forward is exactly 2 P + 4 L H T
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
+def test_transformers_step_costs_the_formula_with_every_token_decoded():
+    """The FLOP ratio the bench prints takes transformers' step as the formula with f = 1 (the
+    decoder on every token); FlopCounterMode on transformers' own model must agree. It leaves
+    out the MLM transform (now on every token), pooler and NSP: a few percent."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from hf_reference import hf_models
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=3000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position=64)
+    B, T = 4, 48
+    batch = make_batch(cfg, B, T, torch.Generator().manual_seed(0))
+    hf_pretrain, _ = hf_models(cfg)
+    total = counted_flops(lambda: hf_pretrain(**batch).loss.backward())
+    formula = train_flops_per_token(cfg, T, 1.0) * B * T
+    assert formula < total and (total - formula) / total < 0.03, (formula, total)
+    f = (batch["labels"] != -100).float().mean().item()
+    assert 2 < formula / (train_flops_per_token(cfg, T, f) * B * T) < 4  # what minibert skips, at this size
+
+
 def test_batch_follows_bert_layout_and_masking():
     cfg = BertConfig.from_preset("tiny")
     b = make_batch(cfg, 64, 128, torch.Generator().manual_seed(0))
@@ -92,6 +112,7 @@ def test_bench_cli_compares_with_transformers():
     assert "| transformers | train | tiny | 2 | 32 |" in out
     assert "| transformers | infer | tiny | 2 | 32 |" in out
     assert "speed-up minibert / transformers" in out
+    assert "FLOPs of transformers / minibert" in out and "infer 1.00x" in out
 
 
 def test_bench_does_not_import_transformers_without_compare_hf():
@@ -109,7 +130,7 @@ def test_bench_json_is_machine_readable(capsys):
     assert len(train["times_ms"]) == 2 and train["ms_p10"] <= train["ms_p50"] <= train["ms_p90"]
     assert train["tokens_per_s"] == pytest.approx(2 * 32 / (train["ms_p50"] / 1e3))
     assert 0 < train["mfu_vs_matmul"] and train["mfu_vs_datasheet"] is None  # no datasheet figure for a CPU
-    assert printed["speedup"] == {}
+    assert printed["speedup"] == {} and printed["flop_ratio"] == {}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
@@ -133,3 +154,12 @@ def test_bench_compile_picks_the_models(monkeypatch, capsys, which, compiled):
     header = capsys.readouterr().out.splitlines()[0]
     assert ("compiled" in header) == (which is not None)
     assert ("transformers eager" in header) == (which == "minibert")
+
+
+def test_bench_records_the_allocator_settings(monkeypatch, capsys):
+    """The allocator changes the ratios (RESULTS.md, run E), so a run says which it had."""
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
+    assert result["malloc_env"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}
+    assert capsys.readouterr().out.splitlines()[0].endswith("; GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824")
