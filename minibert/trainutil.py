@@ -227,7 +227,9 @@ def init_distributed(device: str) -> Dist:
         return Dist()
     import torch.distributed as dist
 
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    # On GPUs the gradients go over NCCL, but the step's counts and losses are summed as CPU
+    # tensors (they are read on the host anyway), which NCCL cannot carry: gloo takes those.
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if device == "cpu":

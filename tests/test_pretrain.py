@@ -186,6 +186,29 @@ def test_two_processes_follow_the_one_process_curve(setup):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "cpu:gloo,cuda:nccl"), ("cuda:1", "cpu:gloo,cuda:nccl")])
+def test_gpu_processes_also_get_gloo_for_the_cpu_sums(monkeypatch, device, backend):
+    """The step's counts and losses are all-reduced as CPU tensors, which NCCL cannot carry
+    (this CPU-only CI cannot start NCCL, so the choice itself is what is checked here; the
+    CPU run above carries those sums through gloo)."""
+    import torch.distributed
+
+    from minibert import trainutil
+
+    asked = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "init_process_group", asked.append)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    threads = torch.get_num_threads()
+    try:
+        d = trainutil.init_distributed(device)
+    finally:
+        torch.set_num_threads(threads)
+    assert asked == [backend] and d.enabled
+
+
 def inprocess(setup, out: Path, *extra: str) -> int:
     threads = torch.get_num_threads()  # --threads 1 sets it for the whole pytest process; put it back
     try:
