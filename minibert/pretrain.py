@@ -112,7 +112,7 @@ class PretrainConfig:
     log_every: int = _f(10, "print a log line every this many steps")
     device: str = _f("auto", "'cpu', 'cuda', 'cuda:1'... (auto: cuda when available)")
     threads: Optional[int] = _f(None, "CPU threads per process (default: torch's, one per core; on a busy shared machine 1 is often faster)")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile the model (for GPUs: on 2 CPU cores a mini step was no faster, 460-518 vs 401-453 ms; benchmarks/RESULTS.md)")
     fp16: bool = _f(False, "CUDA: float16 autocast with a GradScaler instead of bfloat16", True)
     fp32: bool = _f(False, "CUDA: no autocast at all (default there: bfloat16)", True)
     bf16: bool = _f(False, "CPU: bfloat16 autocast for training steps (1.35x faster mini steps on a 2-core AVX512-BF16 EPYC, "
