@@ -5,12 +5,14 @@ and the behaviours whose bugs are silent (loss masks, padding)."""
 import math
 import os
 
-# the fused-kernel test below runs the Triton kernels under Triton's CPU interpreter
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+# without a GPU, the fused-kernel test below runs the Triton kernels under Triton's CPU
+# interpreter (tests/conftest.py sets this too); on a GPU machine the compiled kernels run
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from minibert import BertConfig, BertForPreTraining, BertModel
 from minibert.model import AttentionMask, EncoderLayer, MultiHeadAttention, attention_bias, gelu, mlm_loss, sinusoidal_encoding
