@@ -59,14 +59,13 @@ def test_transformers_step_costs_the_formula_with_every_token_decoded():
     """The FLOP ratio the bench prints takes transformers' step as the formula with f = 1 (the
     decoder on every token); FlopCounterMode on transformers' own model must agree. It leaves
     out the MLM transform (now on every token), pooler and NSP: a few percent."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from hf_reference import hf_models
+    from minibert.bench import load_hf_models
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=3000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position=64)
     B, T = 4, 48
     batch = make_batch(cfg, B, T, torch.Generator().manual_seed(0))
-    hf_pretrain, _ = hf_models(cfg)
+    hf_pretrain, _ = load_hf_models()(cfg)
     total = counted_flops(lambda: hf_pretrain(**batch).loss.backward())
     formula = train_flops_per_token(cfg, T, 1.0) * B * T
     assert formula < total and (total - formula) / total < 0.03, (formula, total)

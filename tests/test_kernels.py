@@ -504,7 +504,7 @@ def test_import_and_run_without_triton() -> None:
 # ---------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(
-    not (torch.cuda.is_available() and K.HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on")),
+    not (torch.cuda.is_available() and K.HAS_TRITON and not TRITON_ON_CPU),
     reason="needs a CUDA GPU and compiled (not interpreted) Triton",
 )
 
