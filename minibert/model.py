@@ -18,12 +18,16 @@ fields, flagged where they are implemented and pinned by tests:
                                       decoder + loss in chunks, no logits kept)
 With the defaults the module computes exactly what Google's / Hugging Face's BERT
 computes, to float precision (tests/test_parity.py).
+
+attn_impl and fused_kernels say how to run, not what the model is: modules copy them when
+built, and `model.set_backend(attn_impl=..., fused_kernels=...)` switches them later.
+The fast attention backends live in minibert/kernels/attention.py, a table by name.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checkpoint import PretrainedMixin
+from .kernels.attention import ATTENTION_BACKENDS
 
 
 # -----------------------------------------------------------------------------
@@ -54,6 +59,7 @@ class BertConfig:
     initializer_range: float = 0.02
     position_embedding: str = "learned"  # "learned" (BERT) | "sinusoidal" (deviation)
     norm_position: str = "post"  # "post" (BERT) | "pre" (deviation)
+    # how to run (copied by the modules when built; not saved in config.json; see set_backend):
     attn_impl: str = "sdpa"  # "math" (readable, returns weights) | "sdpa" | "flex" | "triton"
     fused_kernels: bool = False  # add+LayerNorm, bias+GELU and the MLM decoder+loss as fused ops (minibert/kernels)
     num_labels: int = 2  # for the classification heads
@@ -69,7 +75,7 @@ class BertConfig:
         if self.norm_position not in ("post", "pre"):
             raise ValueError(f"norm_position must be 'post' or 'pre', got {self.norm_position!r}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {self.attn_impl!r}")
         if self.position_embedding == "sinusoidal" and self.hidden_size % 2:
             raise ValueError("the sinusoidal encoding needs an even hidden_size")
         # JSON turns int keys into strings; keep them ints here
@@ -85,16 +91,8 @@ class BertConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-ATTN_IMPLS = ("math", "sdpa", "flex", "triton")
+ATTN_IMPLS = ("math", *ATTENTION_BACKENDS)  # "math" is written out below; the rest are kernels
 
 
 def _size(L: int, H: int) -> dict:
@@ -147,9 +145,7 @@ class Embeddings(nn.Module):
         return self.pos.weight if hasattr(self, "pos") else self.pe
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
-        T = input_ids.size(1)
-        if T > self.position_table().size(0):
-            raise ValueError(f"sequence length {T} exceeds max_position {self.position_table().size(0)}")
+        T = input_ids.size(1)  # BertModel.check_inputs has checked T <= max_position
         if position_ids is None:
             pos = self.position_table()[:T]  # (T, H), broadcast over the batch
         else:
@@ -191,32 +187,25 @@ def doc_mask(doc_ids: Tensor) -> Tensor:
 
 @dataclass
 class AttentionMask:
-    """The mask in the form each attention backend wants, built once per forward pass."""
+    """The mask in the form the attention backend wants, built once per forward pass."""
 
-    bias: Optional[Tensor] = None  # additive (B, 1, 1|T, T), for "math" and "sdpa"
-    doc_ids: Optional[Tensor] = None  # (B, T) int32, 0 = padding, for "triton"
-    block_mask: object = None  # FlexAttention BlockMask, for "flex"
+    bias: Optional[Tensor] = None  # additive (B, 1, 1|T, T): the math path, and backends that take it
+    prepared: object = None  # what a backend's own mask builder made from the (B, T) ids (kernels/attention.py)
 
 
-def build_attention_mask(attention_mask: Optional[Tensor], doc_ids: Optional[Tensor], impl: str, dtype: torch.dtype, need_weights: bool) -> AttentionMask:
+def build_attention_mask(
+    attention_mask: Optional[Tensor], doc_ids: Optional[Tensor], impl: str, dtype: torch.dtype, need_weights: bool
+) -> AttentionMask:
     if attention_mask is not None and doc_ids is not None:
         raise ValueError("give either attention_mask or doc_ids, not both")
-    if impl in ("math", "sdpa") or need_weights:
+    from_ids = None if impl == "math" or need_weights else ATTENTION_BACKENDS[impl].mask_from_ids
+    if from_ids is None:
         return AttentionMask(bias=attention_bias(doc_mask(doc_ids) if doc_ids is not None else attention_mask, dtype))
     if attention_mask is not None and attention_mask.dim() == 3:
-        raise ValueError(f"attn_impl={impl!r} takes (B, T) padding masks or doc_ids, not a (B, T, T) mask")
+        raise ValueError(f"attn_impl={impl!r} takes (B, T) padding masks or doc_ids, not a (B, T, T) mask; "
+                         "use attn_impl='sdpa' or 'math'")
     ids = doc_ids if doc_ids is not None else attention_mask  # a 0/1 padding mask is the one-sequence case
-    if impl == "triton":
-        return AttentionMask(doc_ids=None if ids is None else ids.to(torch.int32))
-    if ids is None:  # flex with no mask at all
-        return AttentionMask()
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_doc(b, h, q, k):
-        return (ids[b, q] == ids[b, k]) & (ids[b, k] != 0)
-
-    B, T = ids.shape
-    return AttentionMask(block_mask=create_block_mask(same_doc, B, None, T, T, device=ids.device))
+    return AttentionMask(prepared=None if ids is None else from_ids(ids))
 
 
 class MultiHeadAttention(nn.Module):
@@ -230,7 +219,8 @@ class MultiHeadAttention(nn.Module):
         self.k = nn.Linear(H, H)
         self.v = nn.Linear(H, H)
         self.o = nn.Linear(H, H)
-        self.cfg = cfg  # read at call time, so `model.config.attn_impl = "math"` switches every layer
+        self.attention_dropout = cfg.attention_dropout
+        self.attn_impl = cfg.attn_impl  # how to run; switched by set_backend
 
     def forward(self, x: Tensor, mask: AttentionMask, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         B, T, H = x.shape
@@ -238,9 +228,9 @@ class MultiHeadAttention(nn.Module):
         q = self.q(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        p_drop = self.cfg.attention_dropout if self.training else 0.0
+        p_drop = self.attention_dropout if self.training else 0.0
         weights = None
-        if self.cfg.attn_impl == "math" or need_weights:
+        if self.attn_impl == "math" or need_weights:
             # 2) scaled scores: dividing by sqrt(hs) keeps their variance ~1 so softmax is not saturated
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hs)  # (B, nh, T, T)
             # 3) padding mask: masked keys get ~-inf and so zero probability
@@ -249,19 +239,11 @@ class MultiHeadAttention(nn.Module):
             # 4) softmax over the keys, then dropout on the probabilities (as in BERT)
             weights = scores.softmax(dim=-1)  # (B, nh, T, T)
             y = F.dropout(weights, p_drop, self.training) @ v  # (B, nh, T, hs)
-        elif self.cfg.attn_impl == "sdpa":
-            # the same function through torch's fused kernel (flash / memory-efficient / C++ math)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias, dropout_p=p_drop)  # (B, nh, T, hs)
-        elif self.cfg.attn_impl == "flex":
-            # FlexAttention: a fused kernel generated by torch.compile from the block mask; run
-            # eagerly (no compile) it is an unfused reference. It has no attention dropout.
-            from torch.nn.attention.flex_attention import flex_attention
-
-            y = flex_attention(q, k, v, block_mask=mask.block_mask)  # (B, nh, T, hs)
-        else:  # "triton": minibert's own FlashAttention-style kernel (minibert/kernels)
-            from . import kernels
-
-            y = kernels.flash_attention(q, k, v, mask.doc_ids, 1.0 / math.sqrt(self.hs))  # (B, nh, T, hs)
+        else:
+            # 2-4) the same function in one fused kernel, which never stores the (T, T) scores
+            backend = ATTENTION_BACKENDS[self.attn_impl]
+            m = mask.bias if backend.mask_from_ids is None else mask.prepared
+            y = backend.attend(q, k, v, m, p_drop, 1.0 / math.sqrt(self.hs))  # (B, nh, T, hs)
         # 5) merge the heads back and mix them with the output projection
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
         return self.o(y), weights
@@ -272,7 +254,9 @@ class MultiHeadAttention(nn.Module):
 
 
 def gelu(x: Tensor) -> Tensor:
-    """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) -- the exact form BERT uses, not the tanh fit."""
+    """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), the exact form: transformers' "gelu", which
+    released BERT checkpoints are evaluated with. Google's original BERT code used the tanh fit
+    (transformers' "gelu_new"); the two differ by at most ~5e-4 (chapter 5)."""
     return F.gelu(x)  # torch's erf GELU, one fused kernel; tests pin it to the formula above
 
 
@@ -283,10 +267,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.cfg = cfg
+        self.fused_kernels = cfg.fused_kernels  # how to run; switched by set_backend
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.cfg.fused_kernels:
+        if self.fused_kernels:
             # the same function: a bias-free matmul, then bias + GELU in one pass over (B, T, I)
             from .kernels import bias_gelu
 
@@ -310,11 +294,11 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_ln = cfg.norm_position == "pre"
-        self.cfg = cfg
+        self.fused_kernels = cfg.fused_kernels  # how to run; switched by set_backend
 
     def add_norm(self, x: Tensor, residual: Tensor, norm: nn.LayerNorm) -> Tensor:
         """LN(x + residual); with fused_kernels the add and the LayerNorm are one kernel."""
-        if self.cfg.fused_kernels:
+        if self.fused_kernels:
             from .kernels import add_layer_norm
 
             return add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
@@ -352,13 +336,71 @@ class Encoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# Input checks: a bad input is named in the model's terms, not by an index error deep in torch
+
+
+def check_shape(t: Optional[Tensor], name: str, allowed: list[tuple[int, ...]], integer: bool = True) -> None:
+    if t is None:
+        return
+    if integer and (t.is_floating_point() or t.is_complex()):
+        raise ValueError(f"{name} must hold integers, got dtype {t.dtype}")
+    if tuple(t.shape) not in allowed:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be " + " or ".join(str(a) for a in allowed))
+
+
+def check_values(*checks: tuple[str, Optional[Tensor], int, str]) -> None:
+    """Each check (name, t, high, what): every value of t lies in [0, high), `what` saying where
+    high comes from. Labels (a name ending in "label(s)") may also be -100, "no label".
+    One device sync for all the checks together; skipped inside torch.compile, where a
+    data-dependent branch would break the graph."""
+    checks = tuple(c for c in checks if c[1] is not None and c[1].numel() > 0)
+    if not checks or torch.compiler.is_compiling():
+        return
+
+    def ok(name: str, t: Tensor, high: int) -> Tensor:
+        inside = (t >= 0) & (t < high)
+        return inside | (t == -100) if name.endswith(("label", "labels")) else inside
+
+    bad = torch.stack([~ok(n, t, hi).all() for n, t, hi, _ in checks])  # (len(checks),)
+    if not bad.any().item():  # the sync point
+        return
+    name, t, high, what = checks[int(bad.nonzero()[0])]
+    value = t[~ok(name, t, high)][0].item()
+    no_label = " or -100 (no label)" if name.endswith(("label", "labels")) else ""
+    raise ValueError(f"{name} holds {value}; allowed values are 0..{high - 1} ({what}){no_label}")
+
+
+# -----------------------------------------------------------------------------
 # The encoder model
 
 
-class BertModel(PretrainedMixin, nn.Module):
+class PretrainedModel(PretrainedMixin, nn.Module):
+    """What every minibert model shares: from_pretrained / save_pretrained (minibert/checkpoint.py)
+    and set_backend, the one way to change how a built model runs."""
+
+    config_class = BertConfig
+
+    def set_backend(self, attn_impl: Optional[str] = None, fused_kernels: Optional[bool] = None) -> "PretrainedModel":
+        """Switch every layer to another attention backend and/or the fused kernels (None: keep).
+        The weights and what the model computes stay the same. Returns the model."""
+        if attn_impl is not None and attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {', '.join(ATTN_IMPLS)}, got {attn_impl!r}")
+        for m in self.modules():  # the modules that copied these fields when built
+            if attn_impl is not None and hasattr(m, "attn_impl"):
+                m.attn_impl = attn_impl
+            if fused_kernels is not None and hasattr(m, "fused_kernels"):
+                m.fused_kernels = bool(fused_kernels)
+        # and the config, so a model built from it (a copy, a new head) runs the same way
+        self.config.attn_impl = self.config.attn_impl if attn_impl is None else attn_impl
+        self.config.fused_kernels = self.config.fused_kernels if fused_kernels is None else bool(fused_kernels)
+        return self
+
+
+class BertModel(PretrainedModel):
     """input ids (B, T) -> final hidden states (B, T, H).  `pool(h)` gives the [CLS] summary (B, H)."""
 
     head_prefixes = ("pooler.",)  # parts a checkpoint may lack; they are initialised and reported
+    backbone_only = True  # its tensor names have no `bert.` prefix, as transformers saves them
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -367,6 +409,7 @@ class BertModel(PretrainedMixin, nn.Module):
         self.encoder = Encoder(cfg)
         # pooler: dense + tanh on [CLS], trained by NSP; the sentence vector for classification
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn_impl = cfg.attn_impl  # how to run (the mask's form); switched by set_backend
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -381,11 +424,34 @@ class BertModel(PretrainedMixin, nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def check_inputs(self, input_ids, token_type_ids, attention_mask, position_ids, doc_ids) -> None:
+        """ValueError naming the input, its wrong shape or value, and what is allowed."""
+        if not isinstance(input_ids, Tensor):
+            raise ValueError(f"input_ids must be a (B, T) tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T) = (batch, tokens), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        max_position = self.embeddings.position_table().size(0)
+        if T > max_position:
+            raise ValueError(f"sequence length {T} exceeds max_position {max_position}; "
+                             f"truncate input_ids to {max_position} tokens")
+        check_shape(input_ids, "input_ids", [(B, T)])
+        check_shape(token_type_ids, "token_type_ids", [(B, T)])
+        check_shape(attention_mask, "attention_mask", [(B, T), (B, T, T)], integer=False)
+        check_shape(position_ids, "position_ids", [(B, T)])
+        check_shape(doc_ids, "doc_ids", [(B, T)])
+        check_values(
+            ("input_ids", input_ids, self.embeddings.tok.num_embeddings, "vocab_size"),
+            ("token_type_ids", token_type_ids, self.embeddings.seg.num_embeddings, "type_vocab_size"),
+            ("position_ids", position_ids, max_position, "max_position"),
+        )
+
     def _encode(self, input_ids, token_type_ids, attention_mask, position_ids, doc_ids, need_weights):
+        self.check_inputs(input_ids, token_type_ids, attention_mask, position_ids, doc_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        mask = build_attention_mask(attention_mask, doc_ids, self.config.attn_impl, x.dtype, need_weights)
+        mask = build_attention_mask(attention_mask, doc_ids, self.attn_impl, x.dtype, need_weights)
         return self.encoder(x, mask, need_weights)
 
     def forward(
@@ -442,9 +508,19 @@ class MLMHead(nn.Module):
         return self.decode(self.transform(h))  # (..., V)
 
 
-def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions whose label is not -100 (the masked ones)."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+def summed_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss, defined once for every head that scores chosen positions (MLM, NSP):
+    (fp32 sum of the cross-entropy over the rows whose label is not -100, how many of them
+    the argmax gets right, how many there are). A trainer adds sums and counts over
+    micro-batches and processes and divides once, so no batch is weighted by its size
+    twice; with no labelled row the sum is 0, not the NaN a mean would be."""
+    logits = logits.reshape(-1, logits.size(-1))  # (N, C)
+    labels = labels.reshape(-1)  # (N,)
+    keep = labels != -100
+    # in fp32 even under autocast: a bf16 sum of thousands of losses would lose digits
+    loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    correct = ((logits.detach().argmax(-1) == labels) & keep).sum()
+    return loss_sum, correct, keep.sum()
 
 
 @dataclass
@@ -453,12 +529,19 @@ class PreTrainingOutput:
     mlm_logits: Optional[Tensor]  # (B, T, V) without labels; (N, V) at the labelled positions with
     # labels; None with labels and fused_kernels (the chunked loss never keeps them)
     nsp_logits: Tensor  # (B, 2); (N, 2), one row per instance, for packed rows
-    mlm_loss: Optional[Tensor] = None
-    nsp_loss: Optional[Tensor] = None
+    mlm_loss: Optional[Tensor] = None  # mean over the labelled positions = mlm_loss_sum / mlm_count
+    nsp_loss: Optional[Tensor] = None  # mean = nsp_loss_sum / nsp_count
     mlm_predictions: Optional[Tensor] = None  # (N,) argmax at the labelled positions, with labels
+    # sums and counts (see summed_cross_entropy), with labels / next_sentence_label:
+    mlm_loss_sum: Optional[Tensor] = None  # fp32 scalar, 0 when no position is labelled
+    mlm_correct: Optional[Tensor] = None  # long scalar
+    mlm_count: Optional[Tensor] = None  # long scalar
+    nsp_loss_sum: Optional[Tensor] = None
+    nsp_correct: Optional[Tensor] = None
+    nsp_count: Optional[Tensor] = None
 
 
-class BertForPreTraining(PretrainedMixin, nn.Module):
+class BertForPreTraining(PretrainedModel):
     """Masked LM + next-sentence prediction, the two objectives of BERT's pretraining."""
 
     head_prefixes = ("mlm.", "nsp.", "bert.pooler.")
@@ -466,6 +549,7 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.config = cfg
+        self.fused_kernels = cfg.fused_kernels
         self.bert = BertModel(cfg)
         self.mlm = MLMHead(cfg, self.bert.embeddings.tok)
         self.nsp = nn.Linear(cfg.hidden_size, 2)
@@ -488,6 +572,10 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         instance, in cls_index's order."""
         h = self.bert(input_ids, token_type_ids, attention_mask, position_ids, doc_ids)  # (B, T, H)
         nsp_logits = self.nsp(self.bert.pool(h, cls_index))  # (B, 2), or (N, 2) packed
+        check_shape(labels, "labels", [tuple(input_ids.shape)])
+        check_shape(next_sentence_label, "next_sentence_label", [tuple(nsp_logits.shape[:1])])
+        check_values(("labels", labels, self.config.vocab_size, "vocab_size"),
+                     ("next_sentence_label", next_sentence_label, 2, "is-next / random"))
         if labels is None:
             return PreTrainingOutput(None, self.mlm(h), nsp_logits)
         # Only the labelled ~15% of positions are ever scored: gather them first so the
@@ -495,31 +583,42 @@ class BertForPreTraining(PretrainedMixin, nn.Module):
         sel = labels.reshape(-1) != -100  # (B*T,)
         x = self.mlm.transform(h.reshape(-1, h.size(-1))[sel])  # (N, H)
         targets = labels.reshape(-1)[sel]  # (N,)
-        if self.config.fused_kernels:
+        if self.fused_kernels:
             # the same loss, with the decoder and the cross-entropy taken a chunk of rows at a
             # time: the (N, V) logits, their softmax and gradient are never all in memory
             from .kernels import linear_cross_entropy
 
             mlm_logits = None
-            m_loss, mlm_pred = linear_cross_entropy(x, self.mlm.word_embeddings[0].weight, self.mlm.bias, targets, return_predictions=True)
+            weight = self.mlm.word_embeddings[0].weight
+            m_mean, mlm_pred = linear_cross_entropy(x, weight, self.mlm.bias, targets, return_predictions=True)
+            m_count = sel.sum()
+            # the kernel returns the mean (NaN for no row); its sum is 0 there, as above
+            m_sum = torch.where(m_count > 0, m_mean * m_count, torch.zeros_like(m_mean))
+            m_correct = (mlm_pred == targets).sum()
         else:
             mlm_logits = self.mlm.decode(x)  # (N, V)
-            m_loss, mlm_pred = mlm_loss(mlm_logits, targets), mlm_logits.detach().argmax(-1)
-        loss, n_loss = m_loss, None
+            m_sum, m_correct, m_count = summed_cross_entropy(mlm_logits, targets)
+            m_mean, mlm_pred = m_sum / m_count, mlm_logits.detach().argmax(-1)
+        out = PreTrainingOutput(m_mean, mlm_logits, nsp_logits, m_mean, None, mlm_pred, m_sum, m_correct, m_count)
         if next_sentence_label is not None:
-            n_loss = F.cross_entropy(nsp_logits, next_sentence_label)
-            loss = loss + n_loss
-        return PreTrainingOutput(loss, mlm_logits, nsp_logits, m_loss, n_loss, mlm_pred)
+            out.nsp_loss_sum, out.nsp_correct, out.nsp_count = summed_cross_entropy(nsp_logits, next_sentence_label)
+            out.nsp_loss = out.nsp_loss_sum / out.nsp_count
+            out.loss = m_mean + out.nsp_loss
+        return out
 
 
 @dataclass
 class MaskedLMOutput:
-    loss: Optional[Tensor]
+    loss: Optional[Tensor]  # mean over the labelled positions = loss_sum / count
     logits: Tensor  # (B, T, V), or (N, V) at the labelled positions when labels are given
+    loss_sum: Optional[Tensor] = None  # with labels: fp32 summed cross-entropy, 0 when none is labelled
+    correct: Optional[Tensor] = None  # long scalar: labelled positions whose argmax is the label
+    count: Optional[Tensor] = None  # long scalar: labelled positions
 
 
-class BertForMaskedLM(PretrainedMixin, nn.Module):
-    """The MLM head alone (RoBERTa-style pretraining, and the cloze prompts of fine-tuning)."""
+class BertForMaskedLM(PretrainedModel):
+    """The MLM head alone (RoBERTa-style pretraining, and the cloze prompts of fine-tuning).
+    It always keeps the logits (prompts read them), so fused_kernels changes only the encoder."""
 
     head_prefixes = ("mlm.", "bert.pooler.")
 
@@ -532,11 +631,14 @@ class BertForMaskedLM(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None) -> MaskedLMOutput:
         h = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        check_shape(labels, "labels", [tuple(input_ids.shape)])
+        check_values(("labels", labels, self.config.vocab_size, "vocab_size"))
         if labels is None:
             return MaskedLMOutput(None, self.mlm(h))
         sel = labels.reshape(-1) != -100  # (B*T,)
         logits = self.mlm(h.reshape(-1, h.size(-1))[sel])  # (N, V)
-        return MaskedLMOutput(mlm_loss(logits, labels.reshape(-1)[sel]), logits)
+        loss_sum, correct, count = summed_cross_entropy(logits, labels.reshape(-1)[sel])
+        return MaskedLMOutput(loss_sum / count, logits, loss_sum, correct, count)
 
 
 @dataclass
@@ -545,7 +647,7 @@ class ClassifierOutput:
     logits: Tensor  # (B, num_labels) for sequences, (B, T, num_labels) for tokens
 
 
-class BertForSequenceClassification(PretrainedMixin, nn.Module):
+class BertForSequenceClassification(PretrainedModel):
     """[CLS] -> pooler -> dropout -> linear. Cross-entropy, or MSE when num_labels == 1 (regression)."""
 
     head_prefixes = ("classifier.", "bert.pooler.")
@@ -564,6 +666,9 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         logits = self.classifier(self.drop(self.bert.pool(h)))  # (B, num_labels)
         loss = None
         if labels is not None:
+            check_shape(labels, "labels", [tuple(input_ids.shape[:1])], integer=self.config.num_labels > 1)
+            if self.config.num_labels > 1:
+                check_values(("labels", labels, self.config.num_labels, "num_labels"))
             if self.config.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
             else:
@@ -571,7 +676,7 @@ class BertForSequenceClassification(PretrainedMixin, nn.Module):
         return ClassifierOutput(loss, logits)
 
 
-class BertForTokenClassification(PretrainedMixin, nn.Module):
+class BertForTokenClassification(PretrainedModel):
     """Every token's hidden state -> dropout -> linear (tagging, NER). Labels -100 are ignored."""
 
     head_prefixes = ("classifier.", "bert.pooler.")
@@ -590,5 +695,7 @@ class BertForTokenClassification(PretrainedMixin, nn.Module):
         logits = self.classifier(self.drop(h))  # (B, T, num_labels)
         loss = None
         if labels is not None:
+            check_shape(labels, "labels", [tuple(input_ids.shape)])
+            check_values(("labels", labels, self.config.num_labels, "num_labels"))
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
         return ClassifierOutput(loss, logits)

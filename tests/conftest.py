@@ -3,11 +3,29 @@
 Triton decides compiled-or-interpreted when a kernel module is first imported, so the
 CPU interpreter must be switched on before anything imports minibert's Triton kernels.
 On a machine with a GPU the real kernels run instead.
+
+`tiny_config` is the one tiny model every test builds: a factory, `tiny_config(**overrides)`.
 """
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Small enough that a forward and backward take milliseconds on one CPU core; 4 heads of 16
+# and an odd vocabulary so that a mixed-up dimension shows up as a shape error.
+TINY = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=64)
+
+
+@pytest.fixture
+def tiny_config():
+    """tiny_config(**overrides) -> a BertConfig of TINY's sizes with those fields changed."""
+    from minibert import BertConfig
+
+    def make(**overrides) -> BertConfig:
+        return BertConfig(**{**TINY, **overrides})
+
+    return make

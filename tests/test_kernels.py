@@ -608,7 +608,7 @@ def check_fused_model(device: str) -> None:
     # chunked decoder + loss) against the readable one ("math" attention, plain ops), fp32.
     model, batch = pretraining_case(device, attn_impl="math")
     loss0, g0 = loss_and_grads(model, batch)
-    model.config.attn_impl, model.config.fused_kernels = "triton", True
+    model.set_backend(attn_impl="triton", fused_kernels=True)
     loss1, g1 = loss_and_grads(model, batch)
     assert abs(loss1.item() - loss0.item()) / loss0.item() < 1e-5
     assert_grads_close(model, g0, g1)

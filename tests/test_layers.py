@@ -14,14 +14,17 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from minibert import BertConfig, BertForPreTraining, BertModel
-from minibert.model import AttentionMask, EncoderLayer, MultiHeadAttention, attention_bias, gelu, mlm_loss, sinusoidal_encoding
-
-
-def make_cfg(**kw):
-    base = dict(vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, max_position=64)
-    base.update(kw)
-    return BertConfig(**base)
+from minibert import BertConfig, BertForMaskedLM, BertForPreTraining, BertModel
+from minibert.kernels.attention import ATTENTION_BACKENDS
+from minibert.model import (
+    AttentionMask,
+    EncoderLayer,
+    MultiHeadAttention,
+    attention_bias,
+    gelu,
+    sinusoidal_encoding,
+    summed_cross_entropy,
+)
 
 
 def padded_batch(B=3, T=11, H=64, seed=0):
@@ -33,9 +36,9 @@ def padded_batch(B=3, T=11, H=64, seed=0):
 
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
-def test_attention_matches_sdpa_forward_and_grad(impl):
+def test_attention_matches_sdpa_forward_and_grad(impl, tiny_config):
     torch.manual_seed(0)
-    cfg = make_cfg(attn_impl=impl, attention_dropout=0.0)
+    cfg = tiny_config(attn_impl=impl, attention_dropout=0.0)
     attn = MultiHeadAttention(cfg)
     x, mask = padded_batch()
     x.requires_grad_(True)
@@ -48,7 +51,7 @@ def test_attention_matches_sdpa_forward_and_grad(impl):
     def heads(t):
         return t.view(B, T, 4, 16).transpose(1, 2)
 
-    q, k, v = heads(F.linear(xr, attn.q.weight, attn.q.bias)), heads(F.linear(xr, attn.k.weight, attn.k.bias)), heads(F.linear(xr, attn.v.weight, attn.v.bias))
+    q, k, v = (heads(F.linear(xr, lin.weight, lin.bias)) for lin in (attn.q, attn.k, attn.v))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :])
     ref = F.linear(y.transpose(1, 2).reshape(B, T, H), attn.o.weight, attn.o.bias)
 
@@ -60,9 +63,9 @@ def test_attention_matches_sdpa_forward_and_grad(impl):
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_matches_nn_multiheadattention():
+def test_attention_matches_nn_multiheadattention(tiny_config):
     torch.manual_seed(1)
-    cfg = make_cfg(attn_impl="math", attention_dropout=0.0)
+    cfg = tiny_config(attn_impl="math", attention_dropout=0.0)
     attn = MultiHeadAttention(cfg)
     ref = torch.nn.MultiheadAttention(64, 4, batch_first=True, dropout=0.0)
     with torch.no_grad():  # copy our weights into torch's packed in_proj layout
@@ -87,9 +90,9 @@ def test_attention_matches_nn_multiheadattention():
     torch.testing.assert_close(attn.o.weight.grad, ref.out_proj.weight.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_weights_rows_sum_to_one_and_scale_is_sqrt_head_size():
+def test_attention_weights_rows_sum_to_one_and_scale_is_sqrt_head_size(tiny_config):
     torch.manual_seed(2)
-    cfg = make_cfg(attn_impl="math", attention_dropout=0.0)
+    cfg = tiny_config(attn_impl="math", attention_dropout=0.0)
     attn = MultiHeadAttention(cfg)
     x, _ = padded_batch(B=1, T=5)
     _, w = attn(x, AttentionMask(), need_weights=True)
@@ -100,10 +103,10 @@ def test_attention_weights_rows_sum_to_one_and_scale_is_sqrt_head_size():
     torch.testing.assert_close(w, expected)
 
 
-def test_layernorm_matches_formula_biased_variance():
+def test_layernorm_matches_formula_biased_variance(tiny_config):
     # BERT's LayerNorm uses the biased variance (divide by H); an unbiased one is a silent bug
     torch.manual_seed(3)
-    layer = EncoderLayer(make_cfg())
+    layer = EncoderLayer(tiny_config())
     ln = layer.norm1
     with torch.no_grad():
         ln.weight.normal_()
@@ -139,19 +142,19 @@ def test_sinusoidal_encoding_formula():
     torch.testing.assert_close(rot_s, pe[10 + k, 0::2], atol=1e-5, rtol=0)
 
 
-def test_sinusoidal_model_has_no_position_parameters_and_uses_the_table():
-    cfg = make_cfg(position_embedding="sinusoidal")
+def test_sinusoidal_model_has_no_position_parameters_and_uses_the_table(tiny_config):
+    cfg = tiny_config(position_embedding="sinusoidal")
     m = BertModel(cfg)
     assert not any("pos" in n for n, _ in m.named_parameters())
     assert "embeddings.pe" not in m.state_dict()  # a derived buffer, never saved
     torch.testing.assert_close(m.embeddings.position_table(), sinusoidal_encoding(64, 64))
 
 
-def test_pre_ln_differs_from_post_ln_and_has_final_norm():
+def test_pre_ln_differs_from_post_ln_and_has_final_norm(tiny_config):
     torch.manual_seed(0)
-    post = BertModel(make_cfg()).eval()
+    post = BertModel(tiny_config()).eval()
     torch.manual_seed(0)
-    pre = BertModel(make_cfg(norm_position="pre")).eval()
+    pre = BertModel(tiny_config(norm_position="pre")).eval()
     assert pre.encoder.final_norm is not None and post.encoder.final_norm is None
     ids = torch.randint(5, 97, (2, 9))
     # pre-LN layer: x + Attn(LN(x)) + FFN(LN(.)) -- check one layer against the formula
@@ -164,10 +167,10 @@ def test_pre_ln_differs_from_post_ln_and_has_final_norm():
     assert not torch.allclose(pre(ids), post(ids))
 
 
-def test_padding_never_changes_real_positions():
+def test_padding_never_changes_real_positions(tiny_config):
     torch.manual_seed(4)
     for impl in ("math", "sdpa"):
-        m = BertModel(make_cfg(attn_impl=impl)).eval()
+        m = BertModel(tiny_config(attn_impl=impl)).eval()
         ids = torch.randint(5, 97, (1, 6))
         short = m(ids, attention_mask=torch.ones_like(ids))
         padded_ids = torch.cat([ids, torch.randint(5, 97, (1, 5))], 1)  # garbage in the padding
@@ -176,13 +179,13 @@ def test_padding_never_changes_real_positions():
         torch.testing.assert_close(long[:, :6], short, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "flex"])
-def test_attention_backends_agree_with_math_on_a_whole_model(impl):
+@pytest.mark.parametrize("impl", list(ATTENTION_BACKENDS))
+def test_attention_backends_agree_with_math_on_a_whole_model(impl, tiny_config):
     """Values and gradients, with padding. (flex runs eagerly here: the unfused reference
     of the same mask, forward only -- torch has no FlexAttention backward on the CPU.)"""
     grads = impl != "flex"
     torch.manual_seed(5)
-    m = BertForPreTraining(make_cfg(attn_impl="math", dropout=0.0, attention_dropout=0.0))
+    m = BertForPreTraining(tiny_config(attn_impl="math", dropout=0.0, attention_dropout=0.0))
     ids = torch.randint(5, 97, (3, 12))
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
@@ -191,12 +194,13 @@ def test_attention_backends_agree_with_math_on_a_whole_model(impl):
     out = []
     for name in ("math", impl):
         m.zero_grad()
-        m.config.attn_impl = name
+        m.set_backend(attn_impl=name)
         with torch.set_grad_enabled(grads):
             o = m(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([0, 1, 1]))
         if grads:
             o.loss.backward()
-        out.append((o.mlm_logits.detach(), o.nsp_logits.detach(), [p.grad.clone() for p in m.parameters()] if grads else []))
+        grad = [p.grad.clone() for p in m.parameters()] if grads else []
+        out.append((o.mlm_logits.detach(), o.nsp_logits.detach(), grad))
     (a, na, ga), (b, nb, gb) = out
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(na, nb, atol=1e-5, rtol=1e-5)
@@ -204,12 +208,12 @@ def test_attention_backends_agree_with_math_on_a_whole_model(impl):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["math", "sdpa", "flex"])
-def test_packed_rows_equal_separate_sequences(impl):
+@pytest.mark.parametrize("impl", ["math", *ATTENTION_BACKENDS])
+def test_packed_rows_equal_separate_sequences(impl, tiny_config):
     """Two sequences packed in one row (doc_ids + restarting positions) give the same
     hidden states as each run alone: the block-diagonal mask lets nothing leak across."""
     torch.manual_seed(8)
-    m = BertModel(make_cfg(attn_impl=impl)).eval().requires_grad_(impl != "flex")
+    m = BertModel(tiny_config(attn_impl=impl)).eval().requires_grad_(impl != "flex")
     a, b = torch.randint(5, 97, (1, 5)), torch.randint(5, 97, (1, 4))
     packed = torch.cat([a, b, torch.zeros(1, 3, dtype=torch.long)], 1)  # (1, 12) with 3 pads
     doc_ids = torch.tensor([[1] * 5 + [2] * 4 + [0] * 3])
@@ -227,20 +231,89 @@ def test_mlm_loss_ignores_unlabelled_positions():
     logits = torch.randn(2, 8, 30)
     labels = torch.full((2, 8), -100)
     labels[0, 2], labels[1, 5] = 7, 11
-    base = mlm_loss(logits, labels)
+    base, _, count = summed_cross_entropy(logits, labels)
+    assert count.item() == 2
     noisy = logits.clone()
     noisy[labels == -100] += 100 * torch.randn_like(noisy[labels == -100])
-    assert mlm_loss(noisy, labels).item() == pytest.approx(base.item(), abs=1e-6)
+    assert summed_cross_entropy(noisy, labels)[0].item() == pytest.approx(base.item(), abs=1e-5)
     moved = logits.clone()
     moved[0, 2, 7] += 5
-    assert abs(mlm_loss(moved, labels).item() - base.item()) > 1e-2
-    expected = -(logits[0, 2].log_softmax(-1)[7] + logits[1, 5].log_softmax(-1)[11]) / 2
-    assert base.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(summed_cross_entropy(moved, labels)[0].item() - base.item()) > 1e-2
+    expected = -(logits[0, 2].log_softmax(-1)[7] + logits[1, 5].log_softmax(-1)[11])
+    assert base.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_pretraining_loss_depends_only_on_labelled_positions():
+def labelled_batch(B=3, T=10, V=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = torch.where((torch.rand(B, T, generator=g) < 0.3) & (mask == 1), ids, -100)
+    labels[0, 1] = ids[0, 1]  # at least one labelled position
+    return ids, mask, labels, torch.tensor([0, 1, 1])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_pretraining_sums_and_counts_equal_an_independent_cross_entropy(fused, tiny_config):
+    torch.manual_seed(10)
+    m = BertForPreTraining(tiny_config(fused_kernels=fused)).eval()
+    ids, mask, labels, nsp = labelled_batch()
+    out = m(ids, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    # the oracle: every position's logits from the label-free forward, scored by torch
+    full = m(ids, attention_mask=mask)
+    logits, keep = full.mlm_logits.reshape(-1, 97), labels.reshape(-1) != -100
+    want = F.cross_entropy(logits[keep], labels.reshape(-1)[keep], reduction="sum")
+    torch.testing.assert_close(out.mlm_loss_sum, want, atol=1e-4, rtol=1e-5)
+    assert out.mlm_count.item() == keep.sum().item() and out.mlm_count.dtype == torch.long
+    assert out.mlm_correct.item() == (logits[keep].argmax(-1) == labels.reshape(-1)[keep]).sum().item()
+    torch.testing.assert_close(out.mlm_loss, want / keep.sum(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.nsp_loss_sum, F.cross_entropy(full.nsp_logits, nsp, reduction="sum"))
+    assert out.nsp_count.item() == 3 and out.nsp_correct.item() == (full.nsp_logits.argmax(-1) == nsp).sum().item()
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.nsp_loss)
+    assert m(ids, labels=labels).nsp_loss_sum is None  # no NSP label, no NSP sums
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_batch_without_labelled_positions_sums_to_zero_not_nan(fused, tiny_config):
+    m = BertForPreTraining(tiny_config(fused_kernels=fused))
+    ids, mask, _, nsp = labelled_batch()
+    out = m(ids, attention_mask=mask, labels=torch.full_like(ids, -100), next_sentence_label=nsp)
+    assert out.mlm_loss_sum.item() == 0.0 and out.mlm_count.item() == 0 and out.mlm_correct.item() == 0
+    (out.mlm_loss_sum + out.nsp_loss_sum).backward()  # a trainer's sum: finite gradients
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    mlm = BertForMaskedLM(tiny_config())(ids, labels=torch.full_like(ids, -100))
+    assert mlm.loss_sum.item() == 0.0 and mlm.count.item() == 0
+
+
+def test_masked_lm_sums_and_counts_equal_an_independent_cross_entropy(tiny_config):
+    torch.manual_seed(11)
+    m = BertForMaskedLM(tiny_config()).eval()
+    ids, mask, labels, _ = labelled_batch(seed=1)
+    out = m(ids, attention_mask=mask, labels=labels)
+    logits, keep = m(ids, attention_mask=mask).logits.reshape(-1, 97), labels.reshape(-1) != -100
+    want = F.cross_entropy(logits[keep], labels.reshape(-1)[keep], reduction="sum")
+    torch.testing.assert_close(out.loss_sum, want, atol=1e-4, rtol=1e-5)
+    assert out.count.item() == keep.sum().item()
+    assert out.correct.item() == (logits[keep].argmax(-1) == labels.reshape(-1)[keep]).sum().item()
+    torch.testing.assert_close(out.loss, out.loss_sum / out.count)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sums_are_float32_under_bf16_autocast(fused, tiny_config):
+    m = BertForPreTraining(tiny_config(fused_kernels=fused))
+    ids, mask, labels, nsp = labelled_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(ids, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    assert out.nsp_logits.dtype == torch.bfloat16  # autocast really is on
+    assert out.mlm_loss_sum.dtype == torch.float32 and out.nsp_loss_sum.dtype == torch.float32
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(out.mlm_loss_sum, ref.mlm_loss_sum, rtol=0.05, atol=0.05)
+
+
+def test_pretraining_loss_depends_only_on_labelled_positions(tiny_config):
     torch.manual_seed(7)
-    m = BertForPreTraining(make_cfg()).eval()
+    m = BertForPreTraining(tiny_config()).eval()
     ids = torch.randint(5, 97, (2, 10))
     labels = torch.full_like(ids, -100)
     labels[0, 3], labels[1, 1], labels[1, 7] = 9, 13, 40
@@ -253,15 +326,16 @@ def test_pretraining_loss_depends_only_on_labelled_positions():
     torch.testing.assert_close(out.loss, expected_mlm + F.cross_entropy(out.nsp_logits, nsp))
 
 
-def test_decoder_is_tied_to_word_embeddings():
-    m = BertForPreTraining(make_cfg())
+def test_decoder_is_tied_to_word_embeddings(tiny_config):
+    m = BertForPreTraining(tiny_config())
     assert m.mlm.word_embeddings[0].weight is m.bert.embeddings.tok.weight
     names = [n for n, _ in m.named_parameters()]
     assert sum("tok.weight" in n for n in names) == 1  # registered once
 
 
 def test_presets_follow_the_small_bert_grid():
-    for name, (L, H) in {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768), "large": (24, 1024)}.items():
+    grid = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768), "large": (24, 1024)}
+    for name, (L, H) in grid.items():
         c = BertConfig.from_preset(name)
         assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == (L, H, H // 64, 4 * H)
     with pytest.raises(ValueError, match="unknown preset"):
@@ -277,12 +351,13 @@ def test_bert_base_parameter_count():
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "triton"])
-def test_fused_kernels_compute_the_same_model(impl):
+def test_fused_kernels_compute_the_same_model(impl, tiny_config):
     """fused_kernels=True (add+LayerNorm, bias+GELU) and attn_impl="triton" give the plain
     model's values and gradients. On the CPU they run the kernels under Triton's interpreter
     when TRITON_INTERPRET=1 (as in the test suite), else the PyTorch reference of each op."""
     torch.manual_seed(9)
-    m = BertForPreTraining(make_cfg(hidden_size=32, num_heads=2, intermediate_size=64, dropout=0.0, attention_dropout=0.0))
+    cfg = tiny_config(hidden_size=32, num_heads=2, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
+    m = BertForPreTraining(cfg)
     ids = torch.randint(5, 97, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -291,10 +366,11 @@ def test_fused_kernels_compute_the_same_model(impl):
     results = []
     for fused, attn in ((False, "math"), (True, impl)):
         m.zero_grad()
-        m.config.fused_kernels, m.config.attn_impl = fused, attn
+        m.set_backend(attn_impl=attn, fused_kernels=fused)
         o = m(ids, attention_mask=mask, labels=labels, next_sentence_label=torch.tensor([1, 0]))
         o.loss.backward()
-        results.append((o.loss.detach(), o.mlm_loss.detach(), o.mlm_predictions, o.mlm_logits, [p.grad.clone() for p in m.parameters()]))
+        grads = [p.grad.clone() for p in m.parameters()]
+        results.append((o.loss.detach(), o.mlm_loss.detach(), o.mlm_predictions, o.mlm_logits, grads))
     (loss0, mlm0, pred0, logits0, g0), (loss1, mlm1, pred1, logits1, g1) = results
     torch.testing.assert_close(loss0, loss1, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mlm0, mlm1, atol=1e-5, rtol=1e-5)

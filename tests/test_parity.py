@@ -68,7 +68,7 @@ def test_minilm_hidden_states_match_transformers():
     ours = BertModel.from_pretrained(MINILM).eval()
     assert ours.load_report == {"initialised": [], "discarded": []}
     ref = transformers.BertModel.from_pretrained(str(MINILM), attn_implementation="eager").eval()
-    tok = Tokenizer.from_file(MINILM)
+    tok = Tokenizer.from_pretrained(MINILM)
     batch = tok(SENTENCES, max_length=128)
     assert batch["attention_mask"].float().mean() < 0.9  # the batch really is padded
     real = batch["attention_mask"].bool()
@@ -76,7 +76,7 @@ def test_minilm_hidden_states_match_transformers():
         expected = ref(**batch).last_hidden_state
         expected_pool = ref(**batch).pooler_output
         for impl in ("math", "sdpa"):
-            ours.config.attn_impl = impl
+            ours.set_backend(attn_impl=impl)
             h = ours(**batch)
             err = (h[real] - expected[real]).abs().max().item()
             assert err < 1e-5, f"{impl}: max abs diff {err}"
@@ -86,7 +86,7 @@ def test_minilm_hidden_states_match_transformers():
 def test_minilm_attention_maps_match_transformers():
     ours = BertModel.from_pretrained(MINILM).eval()
     ref = transformers.BertModel.from_pretrained(str(MINILM), attn_implementation="eager").eval()
-    batch = Tokenizer.from_file(MINILM)(SENTENCES[:3])
+    batch = Tokenizer.from_pretrained(MINILM)(SENTENCES[:3])
     with torch.no_grad():
         _, maps = ours.forward_with_attention(**batch)
         ref_maps = ref(**batch, output_attentions=True).attentions
@@ -113,7 +113,7 @@ def test_tokenizer_pairs_truncation_and_padding_match():
     """Longest-first truncation takes from the longer segment and, on a tie, from segment B,
     as Google's `truncate_seq_pair` and transformers' Python tokenizer do. (The Rust
     tokenizer cuts segment A on ties -- a difference of one token in rare cases.)"""
-    ours = Tokenizer.from_file(MINILM)
+    ours = Tokenizer.from_pretrained(MINILM)
     ref = hf_slow_tokenizer()
     a = ["a fairly long first sentence with many many words in it", "short", "x y z"]
     b = ["second", "a much longer second segment that will need cutting down", "p q r"]
