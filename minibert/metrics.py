@@ -12,9 +12,9 @@ Conventions used throughout:
     arrays, or CPU tensors all work;
   * the confusion matrix has true labels on the rows, predictions on the columns.
 
-The two plotting helpers draw on a private matplotlib ``Figure`` with the Agg
-canvas, never through ``pyplot``: they open no window, leave no figure behind and
-do not change matplotlib's global backend.
+The confusion-matrix plot draws on a private matplotlib ``Figure`` with the Agg
+canvas, never through ``pyplot``: it opens no window, leaves no figure behind and
+does not change matplotlib's global backend. (Training curves: ``toolkit.plot_curves``.)
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+
+from .checkpoint import atomic_write
 
 Average = Literal["binary", "macro", "weighted"] | None
 
@@ -346,44 +348,6 @@ def plot_confusion_matrix(
             value = matrix[t, p]
             text = f"{value:d}" if np.issubdtype(matrix.dtype, np.integer) else f"{value:.2f}"
             axes.text(p, t, text, ha="center", va="center", color="white" if value > threshold else "black")
-    figure.savefig(os.fspath(path), format="png", dpi=100)
-    return os.fspath(path)
-
-
-def plot_curves(
-    history: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    keys: Sequence[str],
-    x: str = "step",
-) -> str:
-    """Plot training curves, one panel per key, from a list of log records; write a PNG.
-
-    ``history`` is what a training loop logs, e.g. ``[{"step": 10, "loss": 0.7}, ...,
-    {"step": 100, "loss": 0.3, "val_acc": 0.81}]``. A key is drawn from the records
-    that have it (eval metrics usually appear only every few steps). The x axis is
-    the ``x`` field when every record has it, otherwise the record's position.
-    Returns the path written.
-    """
-    if not keys:
-        raise ValueError("keys is empty: name at least one logged value to plot")
-    available = sorted({k for record in history for k in record})
-    missing = [k for k in keys if not any(record.get(k) is not None for record in history)]
-    if missing:
-        raise ValueError(f"no record in history has {missing}; keys present: {available}")
-    use_x = bool(history) and all(x in record for record in history)
-
-    figure = _new_figure(6.0, 2.2 * len(keys))
-    panels = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-    for axes, key in zip(panels, keys):
-        points = [
-            (record[x] if use_x else i, record[key])
-            for i, record in enumerate(history)
-            if record.get(key) is not None
-        ]
-        xs, ys = zip(*points)
-        axes.plot(xs, ys, marker="." if len(points) < 50 else None)
-        axes.set_ylabel(key)
-        axes.grid(alpha=0.3)
-    panels[-1].set_xlabel(x if use_x else "record")
-    figure.savefig(os.fspath(path), format="png", dpi=100)
+    # atomically, like every file a run writes: a failed write names the path, a kill leaves no half PNG
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return os.fspath(path)

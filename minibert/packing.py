@@ -12,14 +12,15 @@ sequences end to end in one row and keeps them apart with three things:
 
 With these the encoder computes, at every real token, exactly what it computes for the
 sequence alone (tests/test_packing.py). Each sequence keeps its own [CLS]; `cls_index`
-says where it landed, and `unpack_cls` gathers the [CLS] states back in the original order.
+says where it landed, so `BertModel.pool(h, cls_index)` gathers the [CLS] states back in the
+original order.
 
 Shape letters: R packed rows, T row length, N sequences, H hidden size.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -154,17 +155,3 @@ def pack(
     if labels is not None:
         packed["labels"] = scatter(torch.tensor([t for i in order for t in labels[i]], dtype=torch.long), -100)
     return packed
-
-
-def unpack_cls(hidden: Tensor, cls_index: Union[Tensor, Sequence[tuple[int, int]]]) -> Tensor:
-    """hidden (R, T, H) of packed rows -> (N, H): each sequence's [CLS] state, in input order.
-
-    Feed the result to the pooler / classifier exactly as `h[:, 0]` of an unpacked batch.
-    """
-    idx = torch.as_tensor(cls_index, dtype=torch.long, device=hidden.device)  # (N, 2)
-    return hidden[idx[:, 0], idx[:, 1]]  # (N, H)
-
-
-def padding_fraction(doc_ids: Tensor) -> float:
-    """Share of the (R, T) slots that hold padding (doc id 0)."""
-    return (doc_ids == 0).float().mean().item()

@@ -1,5 +1,9 @@
-"""The building blocks of the fine-tuning methods, each small enough to read on its own:
+"""The fine-tuning methods: their building blocks, each small enough to read on its own,
+and one class per method behind the small interface the training loop uses.
 
+Building blocks (tests/test_strategies.py pins each against a direct computation):
+
+    PlainInputs / PackedInputs   text -> [CLS] A [SEP] (B [SEP]) rows, padded or packed per batch
     freeze_bottom(model, k)      partial fine-tuning: embeddings + the bottom k layers stay fixed
     LoRALinear / add_lora        low-rank adapters on the attention projections, merged on save
     info_nce                     the alignment loss of "bidirectional" fine-tuning
@@ -7,26 +11,86 @@
     Verbalizer / Prompt / prompt_scores
                                  cloze prompts read through the masked-LM head
 
-`minibert.finetune` wires them into one training loop; tests/test_strategies.py pins
-each one against a direct computation.
+Methods (the end of this file): `Strategy` is the interface, `STRATEGIES` the table from
+`--strategy NAME` to class. `minibert.finetune` looks a method up there and never asks which
+one it has; adding a method is one class and one table entry (plus a FinetuneConfig field
+per new option, and its test).
 
 Shape letters: B batch, T tokens, H hidden, V vocabulary, C classes, r LoRA rank.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import BertModel
+from .model import BertForMaskedLM, BertForSequenceClassification, BertModel
+from .packing import pack
+from .tabular import LabelMap
 from .tokenizer import Tokenizer, truncate_longest_first
+from .toolkit import UserError
+
+# -----------------------------------------------------------------------------
+# Inputs: how texts become model inputs and model outputs become class scores (B, C).
+# Every method has one: encode(texts, pairs) -> items, collate(items) -> batch,
+# scores(model, batch) -> (B, C), length(item) for length-sorted evaluation.
+
+
+class PlainInputs:
+    """[CLS] A [SEP] (B [SEP]) rows for a sequence classifier, padded per batch."""
+
+    def __init__(self, tok: Tokenizer, max_len: int):
+        self.tok, self.max_len = tok, max_len
+
+    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> list[tuple[list[int], list[int]]]:
+        a_all = self.tok.encode_ids(texts)  # batched in Rust
+        b_all = self.tok.encode_ids(pairs) if pairs is not None else [None] * len(a_all)
+        return [self.tok.build_inputs(a, b, self.max_len) for a, b in zip(a_all, b_all)]
+
+    @staticmethod
+    def length(item: tuple[list[int], list[int]]) -> int:
+        return len(item[0])
+
+    def collate(self, items: Sequence[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+        return self.tok.pad(items)  # dynamic padding: T = the longest row of this batch
+
+    @staticmethod
+    def scores(model: BertForSequenceClassification, batch: dict[str, Tensor]) -> Tensor:
+        return model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]).logits  # (B, C)
+
+
+class PackedInputs(PlainInputs):
+    """The same rows, but a batch is packed end to end into rows of max_len tokens
+    (minibert.packing) instead of padded to its longest row.
+
+    Short texts waste most of a padded batch: 32 SST-2 sentences of ~13 tokens padded
+    to their longest (~40) are two-thirds [PAD]; packed, the same 32 fill ~4 rows of 128.
+    Each sentence keeps its own positions and attends only to itself, so the encoder
+    computes what it computes for the sentence alone (only the dropout draws differ);
+    each sentence's [CLS] state is gathered back and goes through the usual head."""
+
+    def collate(self, items: Sequence[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+        # no dense (R, T, T) mask: the model builds the block-diagonal mask it needs from doc_ids
+        return pack([ids for ids, _ in items], self.max_len, [types for _, types in items], pad_id=self.tok.pad_id,
+                    dense_mask=False)
+
+    @staticmethod
+    def scores(model: BertForSequenceClassification, batch: dict[str, Tensor]) -> Tensor:
+        h = model.bert(batch["input_ids"], batch["token_type_ids"], position_ids=batch["position_ids"],
+                       doc_ids=batch["doc_ids"])  # (R, T, H)
+        pooled = model.bert.pool(h, batch["cls_index"])  # (N, H): each sentence's [CLS], in the batch's order
+        return model.classifier(model.drop(pooled))  # (N, C): BertForSequenceClassification's head
+
 
 # -----------------------------------------------------------------------------
 # Partial fine-tuning
@@ -45,7 +109,7 @@ def freeze_bottom(bert: BertModel, k: int | str) -> list[str]:
         frozen_modules: list[nn.Module] = [bert]
     else:
         if not str(k).isdigit() or not 0 <= int(k) <= L:
-            raise ValueError(f"--freeze-layers must be in 0..{L} or 'all', got {k}")
+            raise UserError(f"--freeze-layers must be in 0..{L} (the model has {L} layers) or 'all', got {k}")
         frozen_modules = [bert.embeddings] + [bert.encoder.layers[i] for i in range(int(k))]
     names = []
     ids = {id(p) for m in frozen_modules for p in m.parameters()}
@@ -99,7 +163,8 @@ class LoRALinear(nn.Module):
 LORA_TARGETS = ("q", "k", "v", "o")
 
 
-def add_lora(bert: BertModel, rank: int, alpha: float, dropout: float = 0.0, targets: Sequence[str] = LORA_TARGETS) -> int:
+def add_lora(bert: BertModel, rank: int, alpha: float, dropout: float = 0.0,
+             targets: Sequence[str] = LORA_TARGETS) -> int:
     """Freeze the whole backbone and wrap each layer's attention projections in LoRALinear.
     Returns the number of LoRA parameters added. The caller un-freezes its task head."""
     for p in bert.parameters():
@@ -217,23 +282,24 @@ class Verbalizer:
         by_label: dict[str, list[str]] = {}
         for item in spec.split(","):
             if ":" not in item:
-                raise ValueError(f"--verbalizer: {item!r} is not LABEL:WORD (e.g. '0:terrible,1:great')")
+                raise UserError(f"--verbalizer: {item!r} is not LABEL:WORD (e.g. '0:terrible,1:great')")
             label, words = item.split(":", 1)
             by_label[label.strip()] = [w.strip() for w in words.split("|") if w.strip()]
         names = [str(n) for n in label_names]
         unknown = sorted(set(by_label) - set(names))
         missing = [n for n in names if n not in by_label]
         if unknown or missing:
-            raise ValueError(f"--verbalizer labels {sorted(by_label)} do not match the data's labels {names}")
+            raise UserError(f"--verbalizer labels {sorted(by_label)} do not match the data's labels {names}")
         words = [by_label[n] for n in names]
         pieces = []
         for c, ws in enumerate(words):
             if not ws:
-                raise ValueError(f"--verbalizer: label {names[c]!r} has no word")
+                raise UserError(f"--verbalizer: label {names[c]!r} has no word")
             ids = tok.encode_ids(ws)
             for w, p in zip(ws, ids):
                 if not p or tok.unk_id in p:
-                    raise ValueError(f"--verbalizer: word {w!r} is not in the vocabulary (got {tok.convert_ids_to_tokens(p)})")
+                    got = tok.convert_ids_to_tokens(p)
+                    raise UserError(f"--verbalizer: word {w!r} is not in the vocabulary (got {got})")
             pieces.append(ids)
         return cls(words, pieces, names)
 
@@ -266,17 +332,18 @@ class Prompt:
 
     def __init__(self, template: str, verbalizer: Verbalizer, tok: Tokenizer, max_len: int):
         if template.count("[MASK]") != 1:
-            raise ValueError(f"--template must contain exactly one [MASK], got {template!r}")
+            raise UserError(f"--template must contain exactly one [MASK], got {template!r}")
         if "{text}" not in template:
-            raise ValueError(f"--template must contain {{text}}, got {template!r}")
+            raise UserError(f"--template must contain {{text}}, got {template!r}")
         self.template, self.verbalizer, self.tok, self.max_len = template, verbalizer, tok, max_len
         parts = [p for p in self._PARTS.split(template) if p.strip()]
         self.parts: list = [p if p in ("{text}", "{pair}", "[MASK]") else tok.encode_ids([p])[0] for p in parts]
         self.fixed = sum(len(p) for p in self.parts if isinstance(p, list)) + 2  # + [CLS] [SEP]
         if self.max_len - self.fixed - max(verbalizer.mask_counts) < 1:
-            raise ValueError(f"--max-len {max_len} leaves no room for the text in the template {template!r}")
+            raise UserError(f"--max-len {max_len} leaves no room for the text in the template {template!r}")
 
-    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> list[dict[int, tuple[list[int], int]]]:
+    def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None
+               ) -> list[dict[int, tuple[list[int], int]]]:
         """One item per text: {n: (ids, position of the first of the n [MASK]s)}."""
         a_all = self.tok.encode_ids(texts)
         b_all = self.tok.encode_ids(pairs) if pairs is not None else [[] for _ in texts]
@@ -285,7 +352,8 @@ class Prompt:
             item = {}
             for n in self.verbalizer.mask_counts:
                 a, b = list(a0), list(b0)
-                truncate_longest_first(a, b, self.max_len - self.fixed - n)
+                cut_a, cut_b = truncate_longest_first(len(a), len(b), self.max_len - self.fixed - n)
+                a, b = a[: len(a) - cut_a], b[: len(b) - cut_b]
                 ids, mask_at = [self.tok.cls_id], -1
                 for p in self.parts:
                     if p == "{text}":
@@ -327,7 +395,12 @@ class Prompt:
         return prompt_scores(mask_logits, self.verbalizer)
 
     def to_dict(self) -> dict:
+        """What prompt.json holds: enough to rebuild this Prompt beside the model folder."""
         return {"template": self.template, "verbalizer": self.verbalizer.spec, "max_len": self.max_len}
+
+    @classmethod
+    def from_dict(cls, d: dict, label_names: Sequence[str], tok: Tokenizer, max_len: Optional[int] = None) -> "Prompt":
+        return cls(d["template"], Verbalizer.parse(d["verbalizer"], label_names, tok), tok, max_len or d["max_len"])
 
 
 def prompt_scores(mask_logits: dict[int, Tensor], verbalizer: Verbalizer) -> Tensor:
@@ -349,3 +422,222 @@ def prompt_scores(mask_logits: dict[int, Tensor], verbalizer: Verbalizer) -> Ten
             word_scores.append(lp[:, torch.arange(len(p), device=lp.device), idx].mean(-1))  # (B,)
         cols.append(torch.stack(word_scores, -1).mean(-1))  # (B,)
     return torch.stack(cols, -1)  # (B, C)
+
+
+# -----------------------------------------------------------------------------
+# The methods: one class each, behind the interface the training loop uses
+
+
+def task_loss(logits: Tensor, y: Tensor, class_weight: Optional[Tensor]) -> Tensor:
+    """Cross-entropy over the classes, or MSE for one output (regression)."""
+    if logits.size(-1) == 1:
+        return F.mse_loss(logits.squeeze(-1).float(), y.float())
+    return F.cross_entropy(logits.float(), y, weight=class_weight)
+
+
+class Strategy:
+    """A fine-tuning method, as the training loop sees it.
+
+    Built from the run's config and the model the loop made for it (`model_class`, from --init
+    or from scratch); `pretrained` is the folder the weights came from (None from scratch).
+    A class lists the FinetuneConfig fields it reads in `options`: giving one that belongs to
+    another method is an error (`check_options`). The base class is full fine-tuning.
+
+        model, inputs          what is evaluated and saved: inputs.scores(model, batch) -> (B, C)
+        modules()              every module that trains (optimizer, device, train/eval mode)
+        loss(batch, y)         -> (loss, {name: detached part, for the log})
+        embeddings()           the word embeddings (FGM perturbs them)
+        save(out)              the kept model into the run folder: out/model (what predict
+                               reads), plus whatever else the method keeps
+        state_dict() / load_state_dict()   what --resume restores beyond the optimizer
+        after_training(out, held_texts, device) -> extra fields for metrics.json
+    """
+
+    name: ClassVar[str] = "full"
+    help: ClassVar[str] = "all parameters (the default)"
+    model_class: ClassVar[type] = BertForSequenceClassification
+    options: ClassVar[tuple[str, ...]] = ("pack",)
+
+    def __init__(self, cfg: Any, model: nn.Module, tok: Tokenizer, label_map: LabelMap, pretrained: Optional[Path],
+                 log: Callable[[str], None]):
+        self.model, self.tok = model, tok
+        self.inputs: Any = (PackedInputs if getattr(cfg, "pack", False) else PlainInputs)(tok, cfg.max_len)
+        self.class_weight: Optional[Tensor] = None
+        self.notes: dict = {}  # facts about the set-up, for metrics.json
+
+    @classmethod
+    def check_options(cls, cfg: Any, defaults: Any) -> None:
+        """Refuse another method's options (a value other than its default)."""
+        for other in STRATEGIES.values():
+            for name in other.options:
+                if name not in cls.options and getattr(cfg, name) != getattr(defaults, name):
+                    users = [n for n, c in STRATEGIES.items() if name in c.options]
+                    flag = "--" + name.replace("_", "-")
+                    raise UserError(f"{flag} goes with --strategy {' or '.join(users)}, not --strategy {cls.name}")
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def loss(self, batch: dict, y: Tensor) -> tuple[Tensor, dict]:
+        return task_loss(self.inputs.scores(self.model, batch), y, self.class_weight), {}
+
+    def embeddings(self) -> nn.Embedding:
+        return self.model.bert.embeddings.tok
+
+    def save(self, out: Path) -> None:
+        self.model.save_pretrained(out / "model", tokenizer=self.tok)
+
+    def state_dict(self) -> dict:
+        return {"modules": [m.state_dict() for m in self.modules()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, sd in zip(self.modules(), state["modules"]):
+            m.load_state_dict(sd)
+
+    def after_training(self, out: Path, held_texts: Sequence[str], device: torch.device) -> dict:
+        return {}
+
+
+class Partial(Strategy):
+    name, help = "partial", "embeddings + bottom k layers frozen (--freeze-layers k); 'all' = linear probe"
+    options = ("pack", "freeze_layers")
+
+    def __init__(self, cfg, model, tok, label_map, pretrained, log):
+        super().__init__(cfg, model, tok, label_map, pretrained, log)
+        self.notes["frozen_parameters"] = len(freeze_bottom(model.bert, cfg.freeze_layers))
+
+
+class LoRA(Strategy):
+    name, help = "lora", "low-rank adapters on q/k/v/o, merged into the weights on save"
+    options = ("pack", "lora_rank", "lora_alpha", "lora_dropout")
+
+    def __init__(self, cfg, model, tok, label_map, pretrained, log):
+        super().__init__(cfg, model, tok, label_map, pretrained, log)
+        if cfg.lora_rank < 1:
+            raise UserError(f"--lora-rank must be >= 1, got {cfg.lora_rank}")
+        self.notes["lora_parameters"] = add_lora(model.bert, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+
+    def save(self, out: Path) -> None:
+        # the saved folder is a plain BERT: W + (alpha / r) B A, no adapters
+        merge_lora(copy.deepcopy(self.model)).save_pretrained(out / "model", tokenizer=self.tok)
+
+
+class PromptTuning(Strategy):
+    """BertForMaskedLM read at the [MASK] of a template; few-shot trains it with cross-entropy
+    over the verbalizer scores (PET's objective). Saves prompt.json beside the model."""
+
+    name, help = "prompt", "cloze through the masked-LM head: --template, --verbalizer (zero-shot: --epochs 0)"
+    model_class = BertForMaskedLM
+    options = ("template", "verbalizer")
+
+    def __init__(self, cfg, model, tok, label_map, pretrained, log):
+        super().__init__(cfg, model, tok, label_map, pretrained, log)
+        if not cfg.verbalizer:
+            raise UserError("--strategy prompt needs --verbalizer, e.g. '0:terrible,1:great'")
+        if label_map.is_regression:
+            raise UserError("--strategy prompt needs class labels, not regression targets (--task classification)")
+        names = [str(x) for x in label_map.labels]
+        self.inputs = Prompt(cfg.template, Verbalizer.parse(cfg.verbalizer, names, tok), tok, cfg.max_len)
+        if any(n.startswith("mlm.") for n in getattr(model, "load_report", {}).get("initialised", [])):
+            self.notes["warning"] = (f"{pretrained} has no masked-LM head (mlm.dense / mlm.norm / mlm.bias newly "
+                                     "initialised): prompt scores come from an untrained head, so zero-shot accuracy "
+                                     "will be near chance")
+            log("WARNING: " + self.notes["warning"])
+
+    def loss(self, batch: dict, y: Tensor) -> tuple[Tensor, dict]:
+        return F.cross_entropy(self.inputs.scores(self.model, batch), y, weight=self.class_weight), {}
+
+    def save(self, out: Path) -> None:
+        prompt = json.dumps(self.inputs.to_dict(), indent=2) + "\n"
+        self.model.save_pretrained(out / "model", tokenizer=self.tok, extra_files={"prompt.json": prompt})
+
+
+class Bidirectional(Strategy):
+    """M_ft (the classifier) and M_pre (a copy of the pretrained encoder + MLM head), trained
+    together on  loss = task(M_ft) + lambda * InfoNCE(repr_ft, repr_pre).
+
+    The alignment pulls the two models' sentence vectors of the same sentence together
+    and pushes the other sentences of the batch apart; its gradient reaches both
+    encoders, so the task knowledge also flows back into M_pre, which is saved too
+    (pretrained_updated/) and scored on held-out masked words before and after."""
+
+    name, help = "bidirectional", "task loss + lambda * InfoNCE(M_ft, M_pre); both models learn"
+    options = ("align_weight", "temperature", "align_pooling")
+
+    def __init__(self, cfg, model, tok, label_map, pretrained, log):
+        super().__init__(cfg, model, tok, label_map, pretrained, log)
+        self.weight, self.temperature, self.pooling = cfg.align_weight, cfg.temperature, cfg.align_pooling
+        self.max_len, self.data_seed = cfg.max_len, cfg.data_seed
+        if pretrained is not None:
+            c = model.config
+            self.pre = BertForMaskedLM.from_pretrained(pretrained, dropout=c.dropout,
+                                                       attention_dropout=c.attention_dropout)
+            if any(n.startswith("mlm.") for n in self.pre.load_report["initialised"]):
+                self.notes["warning"] = (f"{pretrained} has no masked-LM head: M_pre's held-out MLM accuracy is that "
+                                         "of an untrained head")
+                log("WARNING: " + self.notes["warning"])
+        else:  # from scratch: M_pre starts as the same random encoder as M_ft
+            self.pre = BertForMaskedLM(copy.deepcopy(model.config))
+            self.pre.bert.load_state_dict(model.bert.state_dict())
+        self.pre_before = copy.deepcopy(self.pre.state_dict())  # M_pre as it started, for "before"
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.pre]
+
+    def loss(self, batch: dict, y: Tensor) -> tuple[Tensor, dict]:
+        ids, types, mask = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+        m = self.model
+        h_ft = m.bert(ids, types, mask)  # (B, T, H)
+        logits = m.classifier(m.drop(m.bert.pool(h_ft)))  # (B, C), the same head as BertForSequenceClassification
+        h_pre = self.pre.bert(ids, types, mask)  # (B, T, H)
+        align = info_nce(sentence_repr(h_ft, mask, self.pooling), sentence_repr(h_pre, mask, self.pooling),
+                         self.temperature)
+        task = task_loss(logits, y, self.class_weight)
+        return task + self.weight * align, {"task": task.detach(), "align": align.detach()}
+
+    def save(self, out: Path) -> None:
+        super().save(out)
+        self.pre.save_pretrained(out / "pretrained_updated", tokenizer=self.tok)
+
+    def after_training(self, out: Path, held_texts: Sequence[str], device: torch.device) -> dict:
+        """M_pre's held-out MLM accuracy as it started and as kept (read back from disk)."""
+        before = BertForMaskedLM(copy.deepcopy(self.pre.config))
+        before.load_state_dict(self.pre_before)
+        after = BertForMaskedLM.from_pretrained(out / "pretrained_updated")
+        acc = [mlm_accuracy(m.to(device), self.tok, held_texts, self.max_len, device, self.data_seed)
+               for m in (before, after)]
+        return {"bidirectional": {"mlm_accuracy_before": acc[0]["accuracy"], "mlm_accuracy_after": acc[1]["accuracy"],
+                                  "masked_tokens": acc[1]["masked_tokens"]}}
+
+
+@torch.no_grad()
+def mlm_accuracy(mlm: BertForMaskedLM, tok: Tokenizer, texts: Sequence[str], max_len: int, device: torch.device,
+                 seed: int, batch_size: int = 64) -> dict:
+    """Held-out MLM accuracy: 15% of the word-pieces of each text replaced by [MASK]
+    (chosen with a fixed seed, so "before" and "after" see the same positions)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = PlainInputs(tok, max_len).encode(list(texts))
+    special = torch.tensor(sorted(tok.special_ids))
+    correct = total = 0
+    mlm.eval()
+    for s in range(0, len(rows), batch_size):
+        b = tok.pad(rows[s : s + batch_size])
+        ids = b["input_ids"]  # (B, T)
+        pick = (torch.rand(ids.shape, generator=g) < 0.15) & ~torch.isin(ids, special)  # (B, T)
+        if not pick.any():
+            continue
+        labels = torch.where(pick, ids, torch.full_like(ids, -100))
+        out = mlm(ids.masked_fill(pick, tok.mask_id).to(device), b["token_type_ids"].to(device),
+                  b["attention_mask"].to(device), labels=labels.to(device))
+        correct += int((out.logits.argmax(-1).cpu() == ids[pick]).sum())  # logits (N, V) at the picked positions
+        total += int(pick.sum())
+    return {"accuracy": correct / max(total, 1), "masked_tokens": total}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "full": Strategy,
+    "partial": Partial,
+    "prompt": PromptTuning,
+    "bidirectional": Bidirectional,
+    "lora": LoRA,
+}

@@ -34,7 +34,10 @@ Otherwise it is data. String-labelled files with unusual column names and no
 header fall outside these rules: pass ``has_header`` for them.
 
 Every problem with the file raises ``DataError`` (a ``ValueError``) whose message
-starts ``path:line:`` with the 1-based line number, like a compiler error.
+starts ``path:line:`` with the 1-based line number, like a compiler error. Problems
+confined to one row (a missing field, an empty text or label, a broken JSON line) are
+``BadRowError``s: ``skip_bad_rows=True`` leaves such rows out and lists them in
+``LabeledData.skipped`` instead (real files are messy: one empty row in 3,000 is common).
 Files are read whole into memory, which is fine for fine-tuning sets.
 """
 
@@ -48,7 +51,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Format = Literal["tsv", "csv", "jsonl"]
@@ -77,10 +80,10 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}:{line}: {problem}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Exceptions pickle as cls(*args); ours takes three arguments, not the message.
-        # Needed when a DataLoader worker raises it.
-        return (DataError, (self.path, self.line, self.problem))
+
+class BadRowError(DataError):
+    """A problem confined to one row (a missing field, an empty text or label, a broken JSON
+    line): ``read_labeled(..., skip_bad_rows=True)`` skips such rows instead of raising."""
 
 
 @dataclass
@@ -97,6 +100,7 @@ class LabeledData:
     labels: list[RawLabel]
     path: str
     line_numbers: list[int]
+    skipped: list[BadRowError] = field(default_factory=list)  # rows left out by skip_bad_rows=True
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -118,11 +122,14 @@ def read_labeled(
     fmt: Format | None = None,
     has_header: bool | None = None,
     errors: Literal["strict", "replace"] = "strict",
+    skip_bad_rows: bool = False,
 ) -> LabeledData:
     """Read texts, optional second texts and raw labels from a TSV, CSV or JSONL file.
 
     See the module docstring for the column defaults and the header rule.
     ``errors="replace"`` turns bytes that are not UTF-8 into U+FFFD instead of failing.
+    ``skip_bad_rows=True`` leaves out rows with a ``BadRowError`` (kept in ``skipped``, in
+    file order) instead of raising the first one; problems with the whole file still raise.
     """
     path = os.fspath(path)
     if fmt is None:
@@ -152,9 +159,15 @@ def read_labeled(
     if fmt == "jsonl":
         if has_header is not None:
             raise ValueError(f"{path}: has_header applies to TSV/CSV only, not JSONL")
-        return _read_jsonl(text, path, text_col, text_pair_col, label_col)
-    rows = _split_tsv(text) if fmt == "tsv" else _split_csv(text, path)
-    return _read_table(rows, path, text_col, text_pair_col, label_col, has_header)
+        data = _read_jsonl(text, path, text_col, text_pair_col, label_col, skip_bad_rows)
+    else:
+        rows = _split_tsv(text) if fmt == "tsv" else _split_csv(text, path)
+        data = _read_table(rows, path, text_col, text_pair_col, label_col, has_header, skip_bad_rows)
+    if not data.texts:
+        first = data.skipped[0]
+        problem = f"no usable rows: all {len(data.skipped)} are bad, the first one: {first.problem}"
+        raise DataError(path, first.line, problem)
+    return data
 
 
 def _decode(raw: bytes, path: str, errors: str) -> str:
@@ -273,6 +286,7 @@ def _read_table(
     text_pair_col: Column,
     label_col: Column,
     has_header: bool | None,
+    skip_bad_rows: bool,
 ) -> LabeledData:
     named = [c for c in (text_col, text_pair_col, label_col) if isinstance(c, str)]
     if named and has_header is False:
@@ -319,59 +333,87 @@ def _read_table(
 
     roles = (("text", text_index), ("text pair", pair_index), ("label", label_index))
     needed = [(role, index) for role, index in roles if index is not None]
-    texts: list[str] = []
-    pairs: list[str] = []
-    labels: list[RawLabel] = []
-    line_numbers: list[int] = []
-    for line, fields in rows:
+    def parse(line: int, fields: list[str]) -> tuple[str, str | None, RawLabel]:
         for role, index in needed:
             if index >= len(fields):
-                raise DataError(
+                raise BadRowError(
                     path,
                     line,
                     f"row has {len(fields)} field(s) but the {role} is {describe(index)}: missing column",
                 )
-        texts.append(_check_text(fields[text_index], "text", describe(text_index), path, line))
+        text = _check_text(fields[text_index], "text", describe(text_index), path, line)
+        pair = None
         if pair_index is not None:
-            pairs.append(_check_text(fields[pair_index], "text pair", describe(pair_index), path, line))
+            pair = _check_text(fields[pair_index], "text pair", describe(pair_index), path, line)
         if label_index is None:
-            labels.append(None)
-        else:
-            label = fields[label_index].strip()
-            if not label:
-                raise DataError(path, line, f"empty label in {describe(label_index)}")
-            labels.append(label)
-        line_numbers.append(line)
-    return LabeledData(texts, pairs if pair_index is not None else None, labels, path, line_numbers)
+            return text, pair, None
+        label = fields[label_index].strip()
+        if not label:
+            raise BadRowError(path, line, f"empty label in {describe(label_index)}")
+        return text, pair, label
+
+    return _collect(rows, parse, path, pair_index is not None, skip_bad_rows)
+
+
+def _collect(rows: Iterable[tuple[int, Any]], parse, path: str, has_pairs: bool, skip_bad_rows: bool) -> LabeledData:
+    """Parse each (line, row) into (text, pair, label); a BadRowError is raised or, when
+    skipping, recorded."""
+    data = LabeledData([], [] if has_pairs else None, [], path, [])
+    for line, row in rows:
+        try:
+            text, pair, label = parse(line, row)
+        except BadRowError as e:
+            if not skip_bad_rows:
+                raise
+            data.skipped.append(e)
+            continue
+        data.texts.append(text)
+        if data.pairs is not None:
+            data.pairs.append(pair)
+        data.labels.append(label)
+        data.line_numbers.append(line)
+    return data
 
 
 def _check_text(value: Any, role: str, where: str, path: str, line: int) -> str:
     if not isinstance(value, str):
         got = f"{type(value).__name__} {value!r}"
-        raise DataError(path, line, f"the {role} in {where} must be a string, got {got}")
+        raise BadRowError(path, line, f"the {role} in {where} must be a string, got {got}")
     if not value.strip():
-        raise DataError(path, line, f"empty {role} in {where}")
+        raise BadRowError(path, line, f"empty {role} in {where}")
     return value
 
 
 def _read_jsonl(
-    text: str, path: str, text_col: Column, text_pair_col: Column, label_col: Column
+    text: str, path: str, text_col: Column, text_pair_col: Column, label_col: Column, skip_bad_rows: bool
 ) -> LabeledData:
     for name, column in (("text_col", text_col), ("text_pair_col", text_pair_col), ("label_col", label_col)):
         if isinstance(column, int):
             raise ValueError(f"{path}: JSONL columns are keys, so {name} must be a name, got index {column}")
 
+    def parse_json(number: int, line: str) -> dict[str, Any]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadRowError(path, number, f"malformed JSON at column {e.colno}: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise BadRowError(path, number, f"expected a JSON object, got {type(record).__name__}")
+        return record
+
     records: list[tuple[int, dict[str, Any]]] = []
+    broken: list[BadRowError] = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, f"malformed JSON at column {e.colno}: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
-        records.append((number, record))
+            records.append((number, parse_json(number, line)))
+        except BadRowError as e:
+            if not skip_bad_rows:
+                raise
+            broken.append(e)
+    if not records:
+        problem = f"no usable rows: all {len(broken)} are bad, the first one: {broken[0].problem}"
+        raise DataError(path, broken[0].line, problem)
 
     # Defaults come from the first record's keys; every later record must then have them.
     first_line, first = records[0]
@@ -382,30 +424,24 @@ def _read_jsonl(
     pair_key = text_pair_col if text_pair_col is not None else _default_key(keys, PAIR_NAMES)
     label_key = label_col if label_col is not None else _default_key(keys, LABEL_NAMES)
 
-    texts: list[str] = []
-    pairs: list[str] = []
-    labels: list[RawLabel] = []
-    line_numbers: list[int] = []
-    for line, record in records:
+    def parse(line: int, record: dict[str, Any]) -> tuple[str, str | None, RawLabel]:
         for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key)):
             if key is not None and key not in record:
-                raise DataError(
+                raise BadRowError(
                     path, line, f"no key {key!r} for the {role}; this line has keys {list(record)}"
                 )
-        texts.append(_check_text(record[text_key], "text", f"key {text_key!r}", path, line))
-        if pair_key is not None:
-            pairs.append(_check_text(record[pair_key], "text pair", f"key {pair_key!r}", path, line))
+        text = _check_text(record[text_key], "text", f"key {text_key!r}", path, line)
+        pair = None if pair_key is None else _check_text(record[pair_key], "text pair", f"key {pair_key!r}", path, line)
         if label_key is None:
-            labels.append(None)
-        else:
-            label = record[label_key]
-            if _label_kind(label) == "bad":
-                raise DataError(
-                    path, line, f"label {label!r} in key {label_key!r} is not a string or a number"
-                )
-            labels.append(label)
-        line_numbers.append(line)
-    return LabeledData(texts, pairs if pair_key is not None else None, labels, path, line_numbers)
+            return text, pair, None
+        label = record[label_key]
+        if _label_kind(label) == "bad":
+            raise BadRowError(path, line, f"label {label!r} in key {label_key!r} is not a string or a number")
+        return text, pair, label
+
+    data = _collect(records, parse, path, pair_key is not None, skip_bad_rows)
+    data.skipped = sorted(broken + data.skipped, key=lambda e: e.line)
+    return data
 
 
 def _default_key(keys: list[str], candidates: Sequence[str]) -> str | None:
@@ -418,21 +454,32 @@ def _default_key(keys: list[str], candidates: Sequence[str]) -> str | None:
 
 
 def _label_kind(value: Any) -> str:
-    """'int', 'float' or 'str' for a raw label; anything else is not a label."""
+    """'int', 'float' or 'str' for a raw label; anything else is not a label.
+
+    A float with an integer value ("1.0", or 1.0 in JSON, as pandas writes a label column
+    that had a missing value) counts as 'int': such a column names classes, not targets.
+    """
     if isinstance(value, bool):
         return "int"  # JSON true/false: treated as 1/0
     if isinstance(value, int):
         return "int"
     if isinstance(value, float):
-        return "float" if math.isfinite(value) else "bad"
+        return ("int" if value.is_integer() else "float") if math.isfinite(value) else "bad"
     if isinstance(value, str):
         stripped = value.strip()
         if _INT_RE.fullmatch(stripped):
             return "int"
         if _FLOAT_RE.fullmatch(stripped):
-            return "float"
+            return "int" if float(stripped).is_integer() else "float"
         return "str" if stripped else "bad"
     return "bad"
+
+
+def _as_int(value: RawLabel) -> int:
+    """A label of kind 'int' as an int: 3, "3", " 3", 3.0 and "3.0" all give 3."""
+    if isinstance(value, str) and not _INT_RE.fullmatch(value.strip()):
+        return int(float(value))
+    return int(value)  # type: ignore[arg-type]
 
 
 _NO_LABEL = "no label (does the file have a label column?)"
@@ -446,10 +493,12 @@ def _where(path: str, line_numbers: Sequence[int] | None, i: int) -> tuple[str, 
 class LabelMap:
     """The classes seen in training, in id order (or a regression target).
 
-    ``labels[i]`` is the label with id i. Integer labels (also "0"/"1" strings)
-    become ints sorted numerically; other labels are strings sorted as text; and
-    when any label is a float the task is regression (``is_regression``, no classes,
-    ``num_labels == 1`` as in Hugging Face).
+    ``labels[i]`` is the label with id i. Integer labels (also "0"/"1" strings, and
+    floats with integer values such as "1.0") become ints sorted numerically; other
+    labels are strings sorted as text; and when any label is a number with a fraction
+    (3.8) the task is regression (``is_regression``, no classes, ``num_labels == 1`` as
+    in Hugging Face). A classification map needs at least two classes: one output is
+    what a regression model has, so a one-class "classifier" would be read back as one.
     """
 
     labels: list[int | str]
@@ -494,8 +543,15 @@ class LabelMap:
                 raise DataError(*_where(path, line_numbers, i), problem)
             return cls([], is_regression=True)
         if present == {"int"}:
-            return cls(sorted({int(value) for value in values}))
-        return cls(sorted({str(value) for value in values}))
+            label_map = cls(sorted({_as_int(value) for value in values}))
+        else:
+            label_map = cls(sorted({str(value) for value in values}))
+        if label_map.num_labels < 2:
+            hint = "; for a numeric target use regression (--task regression)" if present == {"int"} else ""
+            problem = (f"every row has the label {label_map.labels[0]!r}: a classifier needs at least two classes "
+                       f"(add rows of the other classes{hint})")
+            raise DataError(*_where(path, line_numbers, 0), problem)
+        return label_map
 
     @classmethod
     def from_data(cls, data: LabeledData, regression: bool | None = None) -> LabelMap:
@@ -517,7 +573,7 @@ class LabelMap:
         if kind == "bad":
             return None
         if self.labels and isinstance(self.labels[0], int):
-            return int(value) if kind == "int" else None
+            return _as_int(value) if kind == "int" else None
         return str(value)
 
     def encode(

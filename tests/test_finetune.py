@@ -1,8 +1,12 @@
-"""`python -m minibert.finetune` and `python -m minibert.predict` end to end, in-process,
+"""`python -m minibert.finetune`, `minibert.search` and `minibert.predict` end to end, in-process,
 on a tiny random BERT (H=32, 2 layers) and a tiny generated sentiment set.
 
 Every strategy runs through the CLI and leaves the promised outputs; freezing really
 freezes; LoRA saves a plain BERT; --seed reproduces; bad files name file and line.
+Issue 14 Part B: a run never writes into its --init nor replaces a finished run without
+--overwrite; --resume continues a killed run to the same weights and refuses changed data or
+schedule; labels, bad rows and options are checked before the first step, each error one line.
+A new strategy is one class in the table (a BitFit written in the test runs unchanged).
 The real-data check (MiniLM on SST-2, a few minutes) is marked slow:
     pytest -m slow tests/test_finetune.py
 """
@@ -16,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from minibert import BertConfig, BertForMaskedLM, BertForSequenceClassification, Tokenizer
-from minibert import finetune, predict
+from minibert import finetune, predict, search
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -67,6 +71,10 @@ def env(tmp_path_factory):
     }
 
 
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def run(env, out: str, *extra: str, data=("train", "dev", "test")) -> dict:
     argv = ["--init", env["init"], "--out", str(env["dir"] / out), "--epochs", "2", "--batch-size", "8", "--lr", "1e-3",
             "--max-len", "32", "--no-progress", "--log-every", "2", "--threads", "1"]
@@ -113,7 +121,7 @@ def test_every_strategy_end_to_end(env, name):
     lines = (out / "test_predictions.tsv").read_text().splitlines()
     assert lines[0] == "text\tgold\tpredicted\tp_neg\tp_pos" and len(lines) == 17
     # the saved folder predicts what metrics.json says
-    preds = predict.Classifier(out / "model")([ln.split("\t")[0] for ln in lines[1:]])
+    preds = predict.Classifier(out)([ln.split("\t")[0] for ln in lines[1:]])  # the run folder reads as its model/
     assert [p.label for p in preds] == [ln.split("\t")[2] for ln in lines[1:]]
     if name == "bidirectional":
         assert (out / "pretrained_updated/model.safetensors").exists()
@@ -193,10 +201,10 @@ def test_seed_reproduces_and_changes(env):
     b = run(env, "full_again")
     run(env, "seed_1", "--seed", "1")
     assert a["dev"] == b["dev"] and a["test"] == b["test"]
-    ha = json.loads((env["dir"] / "full/history.json").read_text())
-    hb = json.loads((env["dir"] / "full_again/history.json").read_text())
-    hc = json.loads((env["dir"] / "seed_1/history.json").read_text())
-    assert ha == hb and ha != hc
+    def losses(name):
+        return [r["loss"] for r in records(env["dir"] / name) if r["kind"] == "train"]
+
+    assert losses("full") == losses("full_again") and losses("full") != losses("seed_1")
 
 
 def test_early_stopping_and_eval_every(env):
@@ -210,6 +218,11 @@ def test_search_grid_writes_summary(env):
     assert len(m["search"]["trials"]) == 2
     assert (env["dir"] / "search/search.md").read_text().count("\n") == 4  # header, rule, 2 trials
     assert (env["dir"] / "search/model/model.safetensors").exists() and "accuracy" in m["test"]
+    # the same search as its own command: python -m minibert.search (grid unless --search random)
+    argv = ["--init", env["init"], "--train", env["train"], "--dev", env["dev"], "--out", str(env["dir"] / "search2"),
+            "--search-lr", "1e-3", "--search-batch-size", "8", "--search-epochs", "1", "--no-progress", "--threads", "1"]
+    assert search.main(argv) == 0
+    assert len(json.loads((env["dir"] / "search2/search.json").read_text())["trials"]) == 1
 
 
 def test_from_scratch_trains_its_own_tokenizer(env):
@@ -250,7 +263,7 @@ def test_bad_files_name_file_and_line(env, capsys):
     assert f"{short}:3:" in capsys.readouterr().err
     assert finetune.main(["--init", str(d / "nope"), "--train", env["train"], "--out", str(d / "bad")]) == 1
     assert "nope" in capsys.readouterr().err
-    assert finetune.main(["--init", env["init"], "--train", env["train"], "--out", str(d / "bad"), "--strategy", "prompt"]) == 2
+    assert finetune.main(["--init", env["init"], "--train", env["train"], "--out", str(d / "bad"), "--strategy", "prompt"]) == 1
     assert "--verbalizer" in capsys.readouterr().err
 
 
@@ -311,3 +324,210 @@ def test_compile_runs_and_agrees_with_eager(env):
     compiled = run(env, "compiled", "--dropout", "0.0", "--compile")
     assert abs(eager["test"]["accuracy"] - compiled["test"]["accuracy"]) <= 1 / 16
     assert abs(eager["dev"]["accuracy"] - compiled["dev"]["accuracy"]) <= 1 / 16
+
+
+# -----------------------------------------------------------------------------
+# Issue 14 Part B: no run loses work, every input checked before the first step
+
+
+def base_argv(env, out, *extra, data=("train", "dev")):
+    argv = ["--init", env["init"], "--out", str(out), "--epochs", "1", "--batch-size", "8", "--max-len", "32",
+            "--no-progress", "--threads", "1"]
+    for k in data:
+        argv += [f"--{k}", env[k]]
+    return argv + list(extra)
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_job_never_writes_into_its_own_init(env, capsys):
+    d = env["dir"]
+    before = folder_bytes(Path(env["init"]))
+    for out in (env["init"], str(Path(env["init"]) / "sub"), str(d)):  # is, is inside, contains --init
+        assert finetune.main(base_argv(env, out)) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--init" in err and "never writes into what it reads" in err
+    assert folder_bytes(Path(env["init"])) == before and not (Path(env["init"]) / "sub").exists()
+
+
+def test_a_finished_run_is_replaced_only_with_overwrite(env, capsys):
+    strategy_run(env, "full")
+    out = env["dir"] / "full"
+    before = folder_bytes(out / "model")
+    assert finetune.main(base_argv(env, out)) == 1
+    assert "already holds a model or run" in capsys.readouterr().err
+    assert folder_bytes(out / "model") == before
+    run_from_a_run_folder = env["dir"] / "from_run"  # --init takes a run folder: its model/
+    assert finetune.main(base_argv(env, run_from_a_run_folder, data=("train",))[:1] + [str(out)]
+                         + base_argv(env, run_from_a_run_folder, data=("train",))[2:]) == 0
+    assert finetune.main(base_argv(env, run_from_a_run_folder, "--overwrite", "--seed", "1", data=("train",))) == 0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_a_killed_run_exactly_and_refuses_changed_settings(env, capsys, tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text(Path(env["train"]).read_text())
+    args = dict(init=env["init"], train=str(train), dev=env["dev"], epochs=2, batch_size=8, max_len=32, lr=1e-3,
+                progress=False, log_every=2, threads=1)
+    whole = finetune.run(finetune.FinetuneConfig(out=str(tmp_path / "whole"), **args), log=lambda s: None)
+
+    def die_in_epoch_two(line):  # the state of step 6 (end of epoch 1) is on disk by then
+        if line.startswith("eval step 12"):
+            raise Killed
+
+    with pytest.raises(Killed):
+        finetune.run(finetune.FinetuneConfig(out=str(tmp_path / "cut"), **args), log=die_in_epoch_two)
+    cut = finetune.FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **args)
+    resumed = finetune.run(cut, log=lambda s: None)
+    assert resumed["dev"] == whole["dev"] and resumed["train"]["steps"] == whole["train"]["steps"] == 12
+    assert records(tmp_path / "cut") == records(tmp_path / "whole")  # losses, lr, norms and dev scores, step by step
+    a = load_file(str(tmp_path / "whole/model/model.safetensors"))
+    b = load_file(str(tmp_path / "cut/model/model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # what must not change under a resumed run
+    argv = ["--init", env["init"], "--train", str(train), "--dev", env["dev"], "--out", str(tmp_path / "cut"),
+            "--epochs", "2", "--batch-size", "8", "--max-len", "32", "--lr", "1e-3", "--resume", "--no-progress"]
+    assert finetune.main(argv[:-2] + ["--batch-size", "4", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size: saved 8, now 4" in err and "schedule length in steps: saved 12, now 24" in err
+    train.write_text(train.read_text().replace("great", "grand"))
+    assert finetune.main(argv) == 1
+    assert "content of --train" in capsys.readouterr().err
+
+
+def test_labels_are_checked_in_every_file_before_training(env, capsys):
+    d = env["dir"]
+    bad_test = write_tsv(d / "bad_test.tsv", [("a good film", "pos"), ("fine", "neg"), ("so so", "mixed")])
+    out = d / "label_check"
+    assert finetune.main(base_argv(env, out, "--test", bad_test)) == 1
+    err = capsys.readouterr().err
+    assert f"{bad_test}:4: label 'mixed' was not seen in training" in err and err.count("\n") == 1
+    assert not (out / "model").exists() and not (out / "metrics.jsonl").exists()  # stopped before training
+    one = write_tsv(d / "one_label.tsv", [("a good film", "pos"), ("fine", "pos")])
+    assert finetune.main(["--init", env["init"], "--train", one, "--out", str(d / "one")]) == 1
+    err = capsys.readouterr().err
+    assert f"{one}:2: every row has the label 'pos'" in err and "--task regression" not in err
+    numeric = write_tsv(d / "one_number.tsv", [("a good film", "4"), ("fine", "4")])
+    assert finetune.main(["--init", env["init"], "--train", numeric, "--out", str(d / "one")]) == 1
+    assert "--task regression" in capsys.readouterr().err
+
+
+def test_bad_rows_stop_the_run_unless_skipped_and_then_are_reported(env, capsys):
+    d = env["dir"]
+    rows = [(t, "1.0" if y == "pos" else "0.0") for t, y in sentences(24, 3)]  # pandas-style float classes
+    path = d / "messy.tsv"
+    path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows[:5]) + "\t1.0\n"
+                    + "".join(f"{t}\t{y}\n" for t, y in rows[5:]) + "no label\n", encoding="utf-8")
+    argv = ["--init", env["init"], "--train", str(path), "--out", str(d / "messy"), "--epochs", "1", "--no-progress",
+            "--threads", "1"]
+    assert finetune.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:7: empty text" in err and "--skip-bad-rows" in err
+    assert finetune.main(argv + ["--skip-bad-rows"]) == 0
+    assert "skipped 2 bad row(s) (--skip-bad-rows), lines 7, 27" in capsys.readouterr().out
+    m = json.loads((d / "messy/metrics.json").read_text())
+    assert m["skipped_rows"] == {"train": [7, 27]}
+    # 1.0 / 0.0 name two classes, not a regression target
+    assert json.loads((d / "messy/model/config.json").read_text())["id2label"] == {"0": "0", "1": "1"}
+
+
+def test_user_errors_are_one_line_with_exit_code_1(env, capsys):
+    d = env["dir"]
+    cases = [
+        (["--train", str(d / "missing.tsv")], "cannot read it"),
+        (["--train", str(Path(env["init"]) / "config.json")], "cannot tell the format from the extension"),
+        (["--train", env["train"], "--freeze-layers", "1"], "--freeze-layers goes with --strategy partial"),
+        (["--train", env["train"], "--strategy", "prompt", "--verbalizer", "neg:terrible,pos:great",
+          "--lora-rank", "4"], "--lora-rank goes with --strategy lora"),
+        (["--train", env["train"], "--strategy", "partial", "--freeze-layers", "9"], "--freeze-layers must be in 0..2"),
+        (["--train", env["train"], "--device", "cuda:7"], "--device cuda:7"),
+        (["--train", env["train"], "--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
+        (["--train", env["train"], "--bf16"], "unrecognized arguments: --bf16"),  # --precision replaced it
+        (["--train", env["train"], "--metric", "pearson"], "--metric pearson: classification is scored by accuracy"),
+    ]
+    for extra, message in cases:
+        try:
+            code = finetune.main(["--init", env["init"], "--out", str(d / "errors"), "--no-progress"] + extra)
+        except SystemExit as e:  # argparse's own errors leave through sys.exit, with the same one line
+            code = e.code
+        assert code == 1, extra
+        err = capsys.readouterr().err
+        assert err.startswith("python -m minibert.finetune: error: ") and err.count("\n") == 1, err
+        assert message in err, (message, err)
+    # a run refused before its first step leaves nothing that would block the corrected command
+    assert not any((d / "errors" / name).exists() for name in ("run_config.json", "metrics.jsonl", "model"))
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_reading_data(env, capsys):
+    a_file = env["dir"] / "a_file"
+    a_file.write_text("keep me")
+    assert finetune.main(base_argv(env, a_file)) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err and a_file.read_text() == "keep me"
+
+
+def test_regression_is_chosen_by_fractions_or_by_asking(env):
+    d = env["dir"]
+    rows = [(t, str(i % 5)) for i, (t, _) in enumerate(sentences(20, 4))]
+    ints = write_tsv(d / "ratings.tsv", rows)
+    argv = ["--init", env["init"], "--train", ints, "--dev", ints, "--epochs", "0", "--no-progress", "--threads", "1"]
+    assert finetune.main(argv + ["--out", str(d / "as_classes")]) == 0  # integer ratings: five classes
+    assert json.loads((d / "as_classes/metrics.json").read_text())["metric"] == "accuracy"
+    assert finetune.main(argv + ["--out", str(d / "as_targets"), "--task", "regression"]) == 0
+    assert json.loads((d / "as_targets/metrics.json").read_text())["metric"] == "pearson"
+    assert json.loads((d / "as_targets/model/config.json").read_text())["problem_type"] == "regression"
+
+
+def test_from_scratch_with_init_takes_its_architecture_and_vocabulary_not_its_weights(env):
+    # --seed 1: the tiny "pretrained" folder is itself a random model drawn with seed 0
+    run(env, "scratch_of_pre", "--from-scratch", "--epochs", "0", "--seed", "1", data=("train", "dev"))
+    pre, scratch = Path(env["init"]), env["dir"] / "scratch_of_pre/model"
+    a, b = json.loads((pre / "config.json").read_text()), json.loads((scratch / "config.json").read_text())
+    for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings"):
+        assert a[k] == b[k], k
+    assert (pre / "vocab.txt").read_text() == (scratch / "vocab.txt").read_text()
+    w_pre, w_scratch = load_file(str(pre / "model.safetensors")), load_file(str(scratch / "model.safetensors"))
+    shared = [k for k in w_scratch if k in w_pre and k.endswith("weight") and "LayerNorm" not in k]
+    assert shared and not any(torch.equal(w_pre[k], w_scratch[k]) for k in shared)  # nothing copied from P
+    m = json.loads((env["dir"] / "scratch_of_pre/metrics.json").read_text())
+    assert m["architecture_from"] == env["init"] and "initialised" not in m
+
+
+def test_predict_takes_a_run_folder_as_the_readme_shows(env, capsys):
+    strategy_run(env, "full")
+    capsys.readouterr()
+    assert predict.main(["--model", str(env["dir"] / "full"), "a great film"]) == 0
+    label, probs, text = capsys.readouterr().out.strip().split("\t")
+    assert label in ("neg", "pos") and text == "a great film" and probs.startswith("neg=")
+    assert predict.main(["--model", str(env["dir"] / "nothing_here"), "x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("python -m minibert.predict: error: ") and "nothing_here" in err
+
+
+def test_a_new_strategy_is_one_class_in_the_table_and_the_driver_needs_no_change(env, monkeypatch):
+    """BitFit (train the biases only) written here, registered, and run by the unchanged driver."""
+    from minibert.strategies import STRATEGIES, Strategy
+
+    class BitFit(Strategy):
+        name, help, options = "bitfit", "biases only", ()
+
+        def __init__(self, cfg, model, tok, label_map, pretrained, log):
+            super().__init__(cfg, model, tok, label_map, pretrained, log)
+            for n, p in model.bert.named_parameters():
+                p.requires_grad_(n.endswith("bias"))
+
+    monkeypatch.setitem(STRATEGIES, "bitfit", BitFit)
+    out = env["dir"] / "bitfit"
+    cfg = finetune.FinetuneConfig(init=env["init"], train=env["train"], dev=env["dev"], out=str(out), strategy="bitfit",
+                                  epochs=1, batch_size=8, lr=1e-2, max_len=32, progress=False, threads=1)
+    m = finetune.run(cfg, log=lambda s: None)
+    assert m["strategy"] == "bitfit" and m["train"]["steps"] == 6
+    before = load_file(str(Path(env["init"]) / "model.safetensors"))
+    after = load_file(str(out / "model/model.safetensors"))
+    backbone = [k for k in after if k.startswith("bert.") and k in before and "pooler" not in k]
+    assert all(torch.equal(before[k], after[k]) == k.endswith("weight") for k in backbone)  # biases moved, weights not

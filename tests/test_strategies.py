@@ -23,6 +23,7 @@ from minibert.strategies import (
     prompt_scores,
     sentence_repr,
 )
+from minibert.toolkit import UserError
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -122,7 +123,7 @@ def test_freeze_bottom_k_and_all():
     model = BertForSequenceClassification(tiny_cfg())
     freeze_bottom(model.bert, "all")
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.weight", "classifier.bias"]
-    with pytest.raises(ValueError, match="0..3"):
+    with pytest.raises(UserError, match="0..3"):
         freeze_bottom(BertForSequenceClassification(tiny_cfg()).bert, 4)
 
 
@@ -225,12 +226,12 @@ def test_prompt_multi_piece_and_alternative_words(tok):
 
 
 def test_verbalizer_errors(tok):
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(UserError, match="do not match"):
         Verbalizer.parse("0:terrible", ["0", "1"], tok)
-    with pytest.raises(ValueError, match="not in the vocabulary"):
+    with pytest.raises(UserError, match="not in the vocabulary"):
         Verbalizer.parse("0:terrible,1:zzzqqq", ["0", "1"], tok)
-    with pytest.raises(ValueError, match="LABEL:WORD"):
+    with pytest.raises(UserError, match="LABEL:WORD"):
         Verbalizer.parse("terrible,great", ["0", "1"], tok)
     verb = Verbalizer.parse("0:terrible,1:great", ["0", "1"], tok)
-    with pytest.raises(ValueError, match=r"\[MASK\]"):
+    with pytest.raises(UserError, match=r"\[MASK\]"):
         Prompt("{text} it was .", verb, tok, 32)

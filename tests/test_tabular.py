@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
@@ -288,10 +287,41 @@ def test_error_no_text_column(tmp_path: Path) -> None:
     assert "pass text_col" in error_of(excinfo, path, 1)
 
 
-def test_data_error_survives_pickling() -> None:
-    # DataLoader workers send exceptions back to the main process by pickling them.
-    error = pickle.loads(pickle.dumps(DataError("a.tsv", 3, "empty text")))
-    assert (error.path, error.line, str(error)) == ("a.tsv", 3, "a.tsv:3: empty text")
+def test_skip_bad_rows_keeps_the_good_rows_and_names_the_bad_lines(tmp_path: Path) -> None:
+    content = "sentence\tlabel\na fine film\t1\n\t0\nno label here\nbad\t\nworse\t0\n"
+    path = write(tmp_path, "train.tsv", content)
+    with pytest.raises(DataError) as excinfo:  # strict by default: the first bad row stops the read
+        read_labeled(path)
+    assert error_of(excinfo, path, 3).startswith("empty text")
+    data = read_labeled(path, skip_bad_rows=True)
+    assert (data.texts, data.labels, data.line_numbers) == (["a fine film", "worse"], ["1", "0"], [2, 6])
+    assert [(e.line, e.problem.split(" ")[0]) for e in data.skipped] == [(3, "empty"), (4, "row"), (5, "empty")]
+    assert read_labeled(write(tmp_path, "ok.tsv", "a\t1\nb\t0\n"), skip_bad_rows=True).skipped == []
+
+
+def test_skip_bad_rows_in_csv_and_jsonl(tmp_path: Path) -> None:
+    csv_path = write(tmp_path, "train.csv", 'text,label\n"a, b",1\n"  ",0\nc,0\n')
+    data = read_labeled(csv_path, skip_bad_rows=True)
+    assert data.texts == ["a, b", "c"] and [e.line for e in data.skipped] == [3]
+    lines = ['{"text": "good", "label": 1}', '{"text": "cut', '[1, 2]', '{"label": 0}', '{"text": "bad", "label": null}',
+             '{"text": "ok", "label": 0}']
+    jsonl = write(tmp_path, "train.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataError) as excinfo:
+        read_labeled(jsonl)
+    assert error_of(excinfo, jsonl, 2).startswith("malformed JSON")
+    data = read_labeled(jsonl, skip_bad_rows=True)
+    assert (data.texts, data.labels) == (["good", "ok"], [1, 0])
+    assert [e.line for e in data.skipped] == [2, 3, 4, 5]
+
+
+def test_skip_bad_rows_still_fails_on_a_file_with_no_good_row_or_a_bad_header(tmp_path: Path) -> None:
+    path = write(tmp_path, "all_bad.tsv", "sentence\tlabel\n\t1\nx\t\n")
+    with pytest.raises(DataError) as excinfo:
+        read_labeled(path, skip_bad_rows=True)
+    assert error_of(excinfo, path, 2).startswith("no usable rows: all 2 are bad")
+    path = write(tmp_path, "header.tsv", "sentence\tlabel\na\t1\n")
+    with pytest.raises(DataError):
+        read_labeled(path, label_col="score", skip_bad_rows=True)  # a wrong column is not a bad row
 
 
 # ----------------------------------------------------------------------------
@@ -334,11 +364,34 @@ def test_label_map_float_labels_mean_regression(tmp_path: Path) -> None:
     label_map = LabelMap.from_data(data)
     assert label_map.is_regression and label_map.num_labels == 1 and label_map.labels == []
     assert label_map.encode(data.labels) == [3.8, 5.0, 0.5]
-    assert LabelMap.from_labels([0.0, 1.0]).is_regression  # JSON floats
+    assert LabelMap.from_labels([0.5, 1.0]).is_regression  # JSON floats
     assert LabelMap.from_labels([1, 2, 5], regression=True).is_regression
     with pytest.raises(DataError) as excinfo:
         label_map.encode(["2.0", "high"], data.path, [7, 9])
     assert error_of(excinfo, data.path, 9) == "label 'high' is not a finite number (regression target)"
+
+
+def test_label_map_floats_with_integer_values_are_classes(tmp_path: Path) -> None:
+    # what pandas writes for a 0/1 column that had a missing value: users mean two classes
+    label_map = LabelMap.from_labels(["1.0", "0.0", "1.0"])
+    assert not label_map.is_regression and label_map.labels == [0, 1]
+    assert LabelMap.from_labels([0.0, 1.0, 2.0]).labels == [0, 1, 2]  # JSON floats
+    assert label_map.encode(["1", 0, "0.0", 1.0]) == [1, 0, 0, 1]
+    assert LabelMap.from_labels(["1.0", "0.0"], regression=True).is_regression  # asked for: a target
+
+
+@pytest.mark.parametrize(
+    "labels, shown, suggests_regression",
+    [(["pos", "pos"], "'pos'", False), (["1", "1", "1"], "1", True), ([2.0, 2.0], "2", True)],
+)
+def test_label_map_with_one_class_is_an_error_naming_the_label(labels, shown, suggests_regression) -> None:
+    with pytest.raises(DataError) as excinfo:
+        LabelMap.from_labels(labels, "train.tsv", [2, 3, 4])
+    problem = error_of(excinfo, "train.tsv", 2)
+    assert problem.startswith(f"every row has the label {shown}: a classifier needs at least two classes")
+    assert ("--task regression" in problem) == suggests_regression
+    if suggests_regression:  # and the suggestion works
+        assert LabelMap.from_labels(labels, regression=True).is_regression
 
 
 def test_label_map_to_json_round_trip_and_hf_config() -> None:
