@@ -40,7 +40,6 @@ the datasheet peak where we know it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import importlib.util
@@ -48,6 +47,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
 from .optim import build_optimizer
+from .toolkit import UserError, autocast, cli_main, field, pick_device, resolve_precision, set_threads
 
 # bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
 CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 999
@@ -101,7 +102,8 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> Optional[float]:
 # Inputs
 
 
-def make_batch(cfg: BertConfig, batch_size: int, seq_len: int, gen: torch.Generator, mlm_prob: float = 0.15) -> dict[str, Tensor]:
+def make_batch(cfg: BertConfig, batch_size: int, seq_len: int, gen: torch.Generator,
+               mlm_prob: float = 0.15) -> dict[str, Tensor]:
     """A pretraining batch of random real-vocabulary ids: [CLS] A [SEP] B [SEP], BERT-masked."""
     if cfg.vocab_size <= FIRST_WORD_ID or seq_len < 8:
         raise ValueError("the bench needs BERT's vocabulary (vocab_size > 999) and seq_len >= 8")
@@ -198,14 +200,14 @@ def matmul_probe(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[],
 # The two steps
 
 
-def train_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -> Callable[[], None]:
+def train_step(model: nn.Module, batch: dict[str, Tensor], amp: Callable) -> Callable[[], None]:
     """One full pretraining step; the same function drives minibert and transformers."""
     opt = build_optimizer(model, lr=1e-4)
     model.train()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with amp():
             loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -213,12 +215,12 @@ def train_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -
     return step
 
 
-def infer_step(model: nn.Module, batch: dict[str, Tensor], autocast: Callable) -> Callable[[], None]:
+def infer_step(model: nn.Module, batch: dict[str, Tensor], amp: Callable) -> Callable[[], None]:
     inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
     model.eval()
 
     def step() -> None:
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), amp():
             model(**inputs)
 
     return step
@@ -229,7 +231,7 @@ def load_hf_models() -> Callable[[BertConfig], tuple[nn.Module, nn.Module]]:
     repository but outside the package -- minibert itself never imports transformers."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_reference.py"
     if not path.exists():
-        raise SystemExit(f"--compare-hf needs a checkout of the repository ({path} is missing) and transformers")
+        raise UserError(f"--compare-hf needs a checkout of the repository ({path} is missing) and transformers")
     spec = importlib.util.spec_from_file_location("minibert_hf_reference", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -263,7 +265,8 @@ def measure(
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
-    p10, p50, p90 = torch.tensor(xs, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    p10, p50, p90 = torch.tensor(xs, dtype=torch.float64).quantile(q).tolist()
     return p10, p50, p90
 
 
@@ -280,39 +283,49 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m minibert.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="mini", choices=list(PRESETS))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16, help="rows per training step")
-    p.add_argument("--infer-batch-size", type=int, default=None, help="rows per inference call (default: --batch-size)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--attn-impl", choices=list(ATTN_IMPLS), default="sdpa")
-    p.add_argument("--fused-kernels", action="store_true", help="minibert's fused ops: add+LayerNorm, bias+GELU, chunked MLM decoder + loss")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="both",
-        choices=["both", "minibert"],
-        default=None,
-        help="torch.compile both models (--compile), or minibert's alone (--compile minibert): "
-        "the second is what a minibert user with --compile meets against transformers run as most people run it",
-    )
-    p.add_argument("--steps", type=int, default=20, help="timed steps (per model and task)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compare-hf", action="store_true", help="time transformers' BERT in the same run, in turns")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the markdown table")
-    args = p.parse_args(argv)
+@dataclass
+class BenchConfig:
+    preset: str = field("mini", "model size", choices=list(PRESETS))
+    seq_len: int = field(128, "tokens per row")
+    batch_size: int = field(16, "rows per training step")
+    infer_batch_size: Optional[int] = field(None, "rows per inference call (default: --batch-size)")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    precision: str = field("auto", "arithmetic of the timed steps and of the matmul probe: fp32, bf16 or fp16 autocast "
+                           "(no loss scaler: only the time counts). auto: bf16 on CUDA, fp32 on the CPU and MPS",
+                           choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int = field(0, "CPU threads (0: torch's default, one per core)")
+    attn_impl: str = field("sdpa", "minibert's attention backend", choices=list(ATTN_IMPLS))
+    fused_kernels: bool = field(False, "minibert's fused ops: add+LayerNorm, bias+GELU, chunked MLM decoder + loss")
+    compile: bool = field(False, "torch.compile minibert's models")
+    compile_hf: bool = field(False, "with --compare-hf: torch.compile transformers' models too (without it, minibert "
+                             "compiled meets transformers run as most people run it)")
+    steps: int = field(20, "timed steps (per model and task)")
+    warmup: int = field(3, "untimed steps first (allocator, kernel selection, compilation)")
+    compare_hf: bool = field(False, "time transformers' BERT in the same run, in turns")
+    seed: int = field(0, "seed for the weights and the batch")
+    json: bool = field(False, "print one JSON object instead of the markdown table")
 
-    device = torch.device(args.device)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    def __post_init__(self):
+        if self.compile_hf and not (self.compile and self.compare_hf):
+            raise UserError("--compile-hf compiles transformers beside minibert: it needs --compile and --compare-hf")
+        if min(self.steps, self.batch_size, self.seq_len) < 1 or self.warmup < 0:
+            raise UserError("--steps, --batch-size and --seq-len must be positive, --warmup at least 0")
 
-    def autocast() -> contextlib.AbstractContextManager:
-        # bf16 autocast: matmuls in bf16, weights and optimizer state stay fp32
-        return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli_main("python -m minibert.bench", run, argv, BenchConfig, __doc__.split("\n\n")[0])
+
+
+def run(args: BenchConfig) -> dict:
+    """Build, time and report; returns the result that --json prints."""
+    set_threads(args.threads)
+    device = pick_device(args.device)
+    dtype_name = resolve_precision(args.precision, device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    compiled = ("both" if args.compile_hf else "minibert") if args.compile else None
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast(dtype_name, device)  # matmuls in 16 bits, weights and optimizer state stay fp32
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -329,10 +342,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     train_steps, infer_steps = {}, {}
     for name, (pretrain, encoder) in models.items():
         pretrain, encoder = pretrain.to(device), encoder.to(device)
-        if args.compile == "both" or (args.compile == "minibert" and name == "minibert"):
+        if compiled == "both" or (compiled == "minibert" and name == "minibert"):
             pretrain, encoder = torch.compile(pretrain), torch.compile(encoder)
-        train_steps[name] = train_step(pretrain, train_batch, autocast)
-        infer_steps[name] = infer_step(encoder, infer_batch, autocast)
+        train_steps[name] = train_step(pretrain, train_batch, amp)
+        infer_steps[name] = infer_step(encoder, infer_batch, amp)
 
     probe, probe_flops = matmul_probe(device, dtype)
     peak = datasheet_peak(device, dtype)
@@ -379,7 +392,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "dtype": dtype_name,
         "attn_impl": args.attn_impl,
         "fused_kernels": args.fused_kernels,
-        "compile": args.compile,  # None, "both" or "minibert"
+        "compile": compiled,  # None, "both" or "minibert"
         "predicted_fraction": predicted,
         "matmul_flops_per_s": probe_flops / quantiles(probe_all)[1],
         "datasheet_flops_per_s": peak,
@@ -389,16 +402,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         # FLOPs of transformers' step over minibert's: the speed-up if both ran their FLOPs
         # equally fast. Training differs only in the decoder, which transformers runs on
         # every token (f = 1); inference is the same function and the same FLOPs.
-        "flop_ratio": {"train": train_flops_per_token(cfg, T, 1.0) / train_flops_per_token(cfg, T, predicted), "infer": 1.0}
-        if args.compare_hf else {},
+        "flop_ratio": {"train": train_flops_per_token(cfg, T, 1.0) / train_flops_per_token(cfg, T, predicted),
+                       "infer": 1.0} if args.compare_hf else {},
         # glibc's malloc hands big freed blocks back to the OS, and the next step pays page
         # faults to get them again; these variables change that (RESULTS.md, run E)
         "malloc_env": {k: os.environ[k] for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if k in os.environ},
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_report(result))
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
     return result
 
 
@@ -409,11 +419,14 @@ def format_report(r: dict) -> str:
     peak = f"{r['datasheet_flops_per_s'] / 1e12:.0f} TFLOP/s" if r["datasheet_flops_per_s"] else "unknown"
     lines = [
         f"device: {r['device']} ({r['threads']} threads), torch {r['torch']}, {r['dtype']}"
-        f"{COMPILED.get(r['compile'], '')}; minibert attention {r['attn_impl']}{', fused kernels' if r['fused_kernels'] else ''}; matmul rate measured {r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
+        f"{COMPILED.get(r['compile'], '')}; minibert attention {r['attn_impl']}"
+        f"{', fused kernels' if r['fused_kernels'] else ''}; matmul rate measured "
+        f"{r['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s, "
         f"datasheet peak {peak}; MLM predicts {r['predicted_fraction']:.1%} of tokens"
         + "".join(f"; {k}={v}" for k, v in r["malloc_env"].items()),
         "",
-        "| model | task | preset | batch | seq | ms/step median (p10-p90) | tokens/s | step mem MiB | MFU vs matmul | MFU vs datasheet |",
+        "| model | task | preset | batch | seq | ms/step median (p10-p90) | tokens/s | step mem MiB | MFU vs matmul "
+        "| MFU vs datasheet |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
@@ -431,11 +444,12 @@ def format_report(r: dict) -> str:
             "",
             "speed-up minibert / transformers (median of per-round time ratios, p10-p90): "
             + ", ".join(f"{t} {s:.2f}x ({spread[t][0]:.2f}-{spread[t][1]:.2f})" for t, s in r["speedup"].items()),
-            "FLOPs of transformers / minibert (the speed-up if both ran equally fast; transformers decodes every token): "
+            "FLOPs of transformers / minibert (the speed-up if both ran equally fast; transformers decodes every "
+            "token): "
             + ", ".join(f"{t} {x:.2f}x" for t, x in r["flop_ratio"].items()),
         ]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,7 +4,7 @@ on biases and LayerNorm, linear warmup then linear decay (BERT's schedule)."""
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -40,12 +40,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
     return [{"params": ps, "weight_decay": wd, "lr": lr * s} for (wd, s), ps in groups.items()]
 
 
-def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6) -> torch.optim.AdamW:
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-6) -> torch.optim.AdamW:
     """AdamW over parameter groups, taking torch's fused kernel where it exists."""
     params = [p for g in groups for p in g["params"]]
     # The fused kernel updates each tensor in one pass instead of ~10 elementwise passes
-    # (one step of mini on 2 CPU cores: ~10% less time). It exists for CPU and CUDA
-    # floating-point tensors; anything else (e.g. MPS in older torch) takes the default.
+    # (benchmarks/ has the gain). It exists for CPU and CUDA floating-point tensors;
+    # anything else (e.g. MPS in older torch) takes the default.
     fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fusable or None)
 
@@ -61,12 +62,28 @@ def build_optimizer(
     return adamw(param_groups(model, lr, weight_decay, layer_decay), lr, betas, eps)
 
 
-def warmup_linear(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_linear(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """lr(t) = base * t / warmup for t < warmup, then base * (total - t) / (total - warmup)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)  # +1: the first step already trains
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_linear_by_time(optimizer: torch.optim.Optimizer, seconds: Callable[[], float], warmup_s: float,
+                          total_s: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The same shape over training time instead of steps, for a time budget: with t = seconds()
+    read at each scheduler step, lr(t) = base * t / warmup, then base * (total - t) / (total - warmup),
+    reaching 0 when the budget is spent."""
+
+    def factor(_step: int) -> float:
+        t = seconds()
+        if t < warmup_s:
+            return t / warmup_s
+        return max(0.0, (total_s - t) / max(1e-9, total_s - warmup_s))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -40,7 +40,7 @@ What this module adds to the recipe, and why:
   like running the original script with dupe_factor=1.
 * Packing (--pack, not in the original): an instance is often shorter than seq_len (a short
   document, or the short_seq_prob draw), and padding it wastes the encoder's work on [PAD]
-  (16% of the slots on ../shared/data/corpus). With pack_len the Collator lays each batch's
+  slots (benchmarks/ has the share on a real corpus). With pack_len the Collator lays each batch's
   instances end to end in rows of pack_len tokens, each with its own [CLS] and positions from
   0, behind a block-diagonal attention mask: every instance gets exactly the outputs it would
   get alone, so the loss is the same and a batch of b instances just needs fewer rows.
@@ -63,7 +63,8 @@ import torch
 
 from .packing import pack
 from .text import CorpusError, document_sentences, iter_documents, resolve_paths
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, truncate_longest_first
+from .toolkit import UserError
 
 CACHE_VERSION = 1  # bump when the cache layout or the sentence splitting changes
 EVAL_SPLIT_SEED = 1234  # the held-out documents and masks depend on the corpus only, not on --seed
@@ -88,6 +89,19 @@ def corpus_fingerprint(files: Sequence[Path]) -> list[list]:
         st = os.stat(f)
         out.append([str(f), st.st_size, st.st_mtime_ns])
     return out
+
+
+def corpus_sha256(files: Sequence[Path]) -> str:
+    """A hash of the corpus's content: the files' bytes, in order, not their names or dates, so
+    --resume accepts a moved or copied corpus and refuses an edited one."""
+    h = hashlib.sha256()
+    for f in files:
+        fh = hashlib.sha256()
+        with open(f, "rb") as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                fh.update(block)
+        h.update(fh.digest())  # per-file digests: moving bytes from one file to the next changes the hash
+    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
@@ -127,7 +141,7 @@ def get_tokenizer(
         try:
             return Tokenizer.from_file(spec)
         except Exception as e:  # OSError, ValueError, or the Rust loader's own exception type
-            raise ValueError(f"--tokenizer {spec}: cannot load it ({e})") from None
+            raise UserError(f"--tokenizer {spec}: cannot load it ({e})") from None
     # trainer: bump when Tokenizer.train changes what it makes, so no stale vocabulary is reused
     key = cache_key(kind="tokenizer", files=corpus_fingerprint(files), vocab_size=vocab_size, errors=errors, trainer=2)
     folder = Path(cache_dir) / f"tokenizer-{key}"
@@ -196,7 +210,8 @@ def _open_cache(folder: Path, cache_hit: bool) -> TokenCache:
     )
 
 
-def _document_batches(files: Sequence[Path], errors: str, max_sentences: int = 4096) -> Iterator[list[tuple[str, list[str]]]]:
+def _document_batches(files: Sequence[Path], errors: str,
+                      max_sentences: int = 4096) -> Iterator[list[tuple[str, list[str]]]]:
     """(file, sentences) of each document, grouped so the Rust tokenizer gets large batches."""
     batch: list[tuple[str, list[str]]] = []
     n = 0
@@ -237,7 +252,8 @@ def build_token_cache(
     n_tok, n_sent, n_doc = 0, 0, 0
     per_file: dict[str, list[int]] = {str(f): [0, 0] for f in files}  # documents read, documents kept
     try:
-        with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "sentences.bin", "wb") as fs, open(tmp / "documents.bin", "wb") as fd:
+        with (open(tmp / "tokens.bin", "wb") as ft, open(tmp / "sentences.bin", "wb") as fs,
+              open(tmp / "documents.bin", "wb") as fd):
             fs.write(np.int64(0).tobytes())
             fd.write(np.int64(0).tobytes())
             for batch in _document_batches(files, errors):
@@ -260,7 +276,8 @@ def build_token_cache(
                     fd.write(np.int64(n_sent).tobytes())
         for path, (read, kept) in per_file.items():
             if kept == 0:
-                raise CorpusError(f"file {path}: no usable document ({read} read, none holds a token after tokenization)")
+                raise CorpusError(f"file {path}: no usable document ({read} read, none holds a token after "
+                                  f"tokenization)")
         meta = dict(
             version=CACHE_VERSION,
             dtype=np.dtype(dtype).name,
@@ -270,33 +287,17 @@ def build_token_cache(
             vocab_size=tok.vocab_size,
             files={p: {"documents": r, "kept": k} for p, (r, k) in per_file.items()},
         )
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")  # written last: marks a complete cache
+        # written last: marks a complete cache
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"data: tokenized {n_doc:,} documents, {n_sent:,} sentences, {n_tok:,} tokens in {time.time() - t0:.1f}s -> {folder}")
+    log(f"data: tokenized {n_doc:,} documents, {n_sent:,} sentences, {n_tok:,} tokens in {time.time() - t0:.1f}s "
+        f"-> {folder}")
     return _open_cache(folder, cache_hit=False)
 
 
 # ----------------------------------------------------------------------------- instances
-
-
-def longest_first_trims(len_a: int, len_b: int, max_tokens: int) -> tuple[int, int]:
-    """How many tokens to remove from A and from B so len_a + len_b <= max_tokens, removing one
-    token at a time from the longer segment (from B when they are equal).
-
-    Closed form of that loop: first the longer one is cut down towards the shorter, then the
-    two lose tokens in turn, B first.
-    """
-    excess = len_a + len_b - max_tokens
-    if excess <= 0:
-        return 0, 0
-    gap = abs(len_a - len_b)
-    if gap >= excess:
-        return (excess, 0) if len_a > len_b else (0, excess)
-    rest = excess - gap
-    cut_a, cut_b = rest // 2, rest - rest // 2  # B goes first at each tie
-    return (cut_a + gap, cut_b) if len_a > len_b else (cut_a, cut_b + gap)
 
 
 def _split_trim(rng: np.random.Generator, start: int, end: int, cut: int) -> tuple[int, int]:
@@ -323,7 +324,8 @@ def make_instances(
     max_tokens = seq_len - (3 if nsp else 2)  # room left for [CLS] A [SEP] (B [SEP])
     pool = docs if random_pool is None else random_pool
     if nsp and len(pool) < 2:
-        raise CorpusError(f"next-sentence prediction needs at least 2 documents to draw random sentences from, got {len(pool)}")
+        raise CorpusError(f"next-sentence prediction needs at least 2 documents to draw random sentences from, "
+                          f"got {len(pool)}")
     so, do = data.sent_off, data.doc_off
     rows: list[tuple[int, int, int, int, int]] = []
     for d in docs:
@@ -348,14 +350,15 @@ def make_instances(
             is_random = rng.random() < 0.5
             if not is_random and i - chunk_start == 1:
                 # DEVIATION: the original makes every one-sentence chunk a random pair, which tilts
-                # the labels (62% random on ../shared/data/corpus). Borrow the next sentence, or at
+                # the labels towards "random" (benchmarks/ has the share). Borrow the next sentence, or at
                 # the document's end the one before, so the labels stay 50/50.
                 if i < last:
                     i += 1
                 else:
                     chunk_start -= 1
             chunk = i - chunk_start
-            a_end = chunk_start + (1 if chunk < 2 else int(rng.integers(1, chunk)))  # A = sentences [chunk_start, a_end)
+            # A = sentences [chunk_start, a_end)
+            a_end = chunk_start + (1 if chunk < 2 else int(rng.integers(1, chunk)))
             a0, a1 = int(so[chunk_start]), int(so[a_end])
             if is_random:
                 label = NOT_NEXT
@@ -372,7 +375,7 @@ def make_instances(
             else:
                 label = IS_NEXT
                 b0, b1 = a1, int(so[i])
-            cut_a, cut_b = longest_first_trims(a1 - a0, b1 - b0, max_tokens)
+            cut_a, cut_b = truncate_longest_first(a1 - a0, b1 - b0, max_tokens)
             a0, a1 = _split_trim(rng, a0, a1, cut_a)
             b0, b1 = _split_trim(rng, b0, b1, cut_b)
             rows.append((a0, a1, b0, b1, label))
@@ -450,8 +453,8 @@ class Collator:
     and cls_index instead of attention_mask, and usually fewer rows than instances.
     """
 
-    def __init__(self, data: TokenCache, vocab: Vocab, seed: int, mlm_prob: float = 0.15, whole_word: bool = False, nsp: bool = True,
-                 pack_len: Optional[int] = None):
+    def __init__(self, data: TokenCache, vocab: Vocab, seed: int, mlm_prob: float = 0.15, whole_word: bool = False,
+                 nsp: bool = True, pack_len: Optional[int] = None):
         self.data, self.vocab, self.seed = data, vocab, seed
         self.mlm_prob, self.whole_word, self.nsp, self.pack_len = mlm_prob, whole_word, nsp, pack_len
 
@@ -478,7 +481,8 @@ class Collator:
         if self.pack_len:
             inputs, types, labels = zip(*rows)
             # no dense (R, T, T) mask: the model builds the block-diagonal mask from doc_ids
-            batch = pack(inputs, self.pack_len, token_types=types, pad_id=self.vocab.pad_id, labels=labels, dense_mask=False)
+            batch = pack(inputs, self.pack_len, token_types=types, pad_id=self.vocab.pad_id, labels=labels,
+                         dense_mask=False)
             if self.nsp:
                 batch["next_sentence_label"] = torch.from_numpy(insts[:, NSP].copy())  # (N,), cls_index's order
             return batch
@@ -522,7 +526,8 @@ class InstanceStream:
     mask keys and advances the state.
     """
 
-    def __init__(self, data: TokenCache, docs: np.ndarray, seq_len: int, seed: int, short_seq_prob: float = 0.1, nsp: bool = True, static: bool = False):
+    def __init__(self, data: TokenCache, docs: np.ndarray, seq_len: int, seed: int, short_seq_prob: float = 0.1,
+                 nsp: bool = True, static: bool = False):
         self.data, self.docs, self.seq_len, self.seed = data, docs, seq_len, seed
         self.short_seq_prob, self.nsp, self.static = short_seq_prob, nsp, static
         self.epoch, self.index = 0, 0
@@ -561,7 +566,8 @@ class InstanceStream:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def eval_instances(data: TokenCache, eval_docs: np.ndarray, train_docs: np.ndarray, seq_len: int, nsp: bool, max_rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def eval_instances(data: TokenCache, eval_docs: np.ndarray, train_docs: np.ndarray, seq_len: int, nsp: bool,
+                   max_rows: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """A fixed held-out set: instances of the held-out documents with fixed masks, the same at
     every evaluation and in every run on this corpus. Random B sentences come from other
     held-out documents (from the whole corpus if there is only one)."""

@@ -75,8 +75,18 @@ class Tokenizer:
         return cls(_pipeline(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100), lowercase), lowercase)
 
     @classmethod
+    def from_pretrained(cls, folder: Union[str, os.PathLike]) -> "Tokenizer":
+        """The tokenizer of a model folder, or of a run folder's model/, found as the models'
+        from_pretrained finds their weights. The way to load a saved model's tokenizer."""
+        from .checkpoint import resolve_model_dir
+
+        return cls.from_file(resolve_model_dir(folder))
+
+    @classmethod
     def from_file(cls, path: Union[str, os.PathLike]) -> "Tokenizer":
-        """A folder (tokenizer.json preferred, else vocab.txt), a tokenizer.json, or a vocab.txt."""
+        """The file-level loader: a tokenizer.json, a vocab.txt, or a folder holding either
+        (tokenizer.json preferred) with no model beside it. For a model or run folder use
+        from_pretrained."""
         path = Path(path)
         lowercase, max_len = True, 512
         folder = path if path.is_dir() else path.parent
@@ -189,7 +199,9 @@ class Tokenizer:
             budget = max_length - (3 if b is not None else 2)  # room left after the specials
             if budget < 0:
                 raise ValueError(f"max_length {max_length} leaves no room for the special tokens")
-            truncate_longest_first(a, b if b is not None else [], budget)
+            cut_a, cut_b = truncate_longest_first(len(a), len(b or []), budget)
+            a = a[: len(a) - cut_a]  # from the end
+            b = b[: len(b) - cut_b] if b is not None else None
         ids = [self.cls_id] + a + [self.sep_id]
         types = [0] * len(ids)
         if b is not None:
@@ -242,11 +254,21 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def truncate_longest_first(a: list[int], b: list[int], budget: int) -> None:
-    """Drop tokens from the end of the longer list (B on ties) until len(a) + len(b) <= budget.
-    Keeps as much of the shorter text as possible, as BERT's data pipeline does."""
-    while len(a) + len(b) > budget:
-        if len(a) > len(b):
-            a.pop()
-        else:
-            b.pop()
+def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """How many tokens to drop from A and from B so that len_a + len_b <= budget, taking one token
+    at a time from the longer segment (from B on ties): as much of the shorter text as possible is
+    kept, as in BERT's data pipeline. The one truncation rule of minibert (fine-tuning inputs,
+    prompts and pretraining pairs); the caller chooses which end the tokens come from.
+
+    Closed form of that loop: first the longer one is cut down towards the shorter, then the
+    two lose tokens in turn, B first.
+    """
+    excess = len_a + len_b - max(budget, 0)  # a budget below 0 keeps nothing, like 0
+    if excess <= 0:
+        return 0, 0
+    gap = abs(len_a - len_b)
+    if gap >= excess:
+        return (excess, 0) if len_a > len_b else (0, excess)
+    rest = excess - gap
+    cut_a, cut_b = rest // 2, rest - rest // 2  # B goes first at each tie
+    return (cut_a + gap, cut_b) if len_a > len_b else (cut_a, cut_b + gap)

@@ -12,7 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minibert import BertConfig, BertForPreTraining, BertModel
-from minibert.bench import CLS_ID, MASK_ID, SEP_ID, encoder_matmul_params, infer_flops_per_token, main, make_batch, train_flops_per_token
+from minibert.bench import (CLS_ID, MASK_ID, SEP_ID, BenchConfig, encoder_matmul_params, infer_flops_per_token, main,
+                            make_batch, run, train_flops_per_token)
+from minibert.toolkit import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,8 +122,13 @@ def test_bench_does_not_import_transformers_without_compare_hf():
     assert out.stdout.strip() == "False"
 
 
+def bench_result(argv: list[str]) -> dict:
+    """The command's result, parsed from argv as `python -m minibert.bench` parses it."""
+    return run(parse_config(BenchConfig, argv, "bench", ""))
+
+
 def test_bench_json_is_machine_readable(capsys):
-    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"])
+    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
     assert [(r["model"], r["task"]) for r in printed["rows"]] == [("minibert", "train"), ("minibert", "infer")]
@@ -146,8 +153,9 @@ def test_bench_compile_picks_the_models(monkeypatch, capsys, which, compiled):
         return model
 
     monkeypatch.setattr(bench.torch, "compile", record)
-    flag = [] if which is None else (["--compile"] if which == "both" else ["--compile", which])
-    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--compare-hf", *flag])
+    flag = {None: [], "both": ["--compile", "--compile-hf"], "minibert": ["--compile"]}[which]
+    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--compare-hf",
+                    *flag])
     assert seen == [name for name in compiled for _ in ("pretrain", "encoder")]
     assert result["compile"] == which
     header = capsys.readouterr().out.splitlines()[0]
@@ -159,6 +167,14 @@ def test_bench_records_the_allocator_settings(monkeypatch, capsys):
     """The allocator changes the ratios (RESULTS.md, run E), so a run says which it had."""
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    result = main(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
+    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0"])
     assert result["malloc_env"] == {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824"}
     assert capsys.readouterr().out.splitlines()[0].endswith("; GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824")
+
+
+def test_bench_command_errors_are_one_line_and_exit_1(capsys):
+    assert main(["--compile-hf"]) == 1
+    assert capsys.readouterr().err == ("python -m minibert.bench: error: --compile-hf compiles transformers beside minibert: "
+                                       "it needs --compile and --compare-hf\n")
+    assert main(["--device", "cpu", "--precision", "fp16"]) == 1
+    assert "fp16 is for GPUs" in capsys.readouterr().err

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from minibert.model import BertConfig, BertForSequenceClassification
-from minibert.optim import adamw, build_optimizer, param_groups, warmup_linear
+from minibert.optim import adamw, build_optimizer, param_groups, warmup_linear, warmup_linear_by_time
 
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig.from_preset("tiny", vocab_size=64, num_labels=2, dropout=0.0, attention_dropout=0.0))
+    cfg = BertConfig.from_preset("tiny", vocab_size=64, num_labels=2, dropout=0.0, attention_dropout=0.0)
+    return BertForSequenceClassification(cfg)
 
 
 def test_biases_and_layernorm_do_not_decay():
@@ -33,6 +34,22 @@ def test_warmup_then_linear_decay():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_the_time_schedule_warms_up_then_decays_to_zero_at_the_budget():
+    """--time-budget: the same shape over seconds, read from a clock at each scheduler step
+    (here a fake one: 10 s budget, 2 s warmup), and it stays at 0 once the budget is spent."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    now = [0.0]
+    sched = warmup_linear_by_time(opt, lambda: now[0], warmup_s=2.0, total_s=10.0)
+    lrs = [opt.param_groups[0]["lr"]]
+    for t in (1.0, 2.0, 6.0, 9.0, 10.0, 12.0):
+        now[0] = t
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.25, 0.0, 0.0])
 
 
 def test_fused_adamw_matches_plain_adamw():

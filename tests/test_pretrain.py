@@ -1,8 +1,11 @@
 """The pretraining script end to end, on a tiny synthetic corpus and the tiny preset:
 kill -9 / Ctrl-C and --resume give the same weights as an uninterrupted run, 2-process DDP
 follows the 1-process curve, gradient accumulation equals a bigger batch, NaN stops the run,
-the output folder loads and scores like at the end of training, and bad input fails clearly.
-About a minute on 2 cores (most of it starting Python processes).
+the run folder's model/ loads and scores like at the end of training, a finished run is never
+replaced unasked, --resume refuses another corpus content, global batch or schedule,
+--time-budget ends at the budget with the learning rate at 0 (and resumes into the same
+budget), --init continues a pretrained model (ours or Hugging Face's), and bad input fails
+clearly. A few minutes on 2 cores (most of it starting Python processes).
 
 The real-data acceptance run is in benchmarks/pretrain_results.md; the no-argument default
 run is `pytest -m slow tests/test_pretrain.py`.
@@ -11,7 +14,6 @@ run is `pytest -m slow tests/test_pretrain.py`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
@@ -26,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from minibert import BertForPreTraining, pretrain
-from minibert.trainutil import build_parser
+from minibert.toolkit import build_parser, init_distributed, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
@@ -35,8 +37,10 @@ STEPS = 40
 def make_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
     """Documents of 2-9 sentences of made-up words."""
     rng = random.Random(seed)
-    words = sorted({"".join(rng.choice(["ka", "lo", "mi", "ne", "tu", "ra", "si", "po"]) for _ in range(rng.randint(1, 4))) for _ in range(300)})
-    docs = [" ".join(" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "." for _ in range(rng.randint(2, 9))) for _ in range(n_docs)]
+    syllables = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po"]
+    words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)})
+    docs = [" ".join(" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "." for _ in range(rng.randint(2, 9)))
+            for _ in range(n_docs)]
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return path
 
@@ -70,7 +74,7 @@ def train_records(out: Path) -> list[dict]:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model.safetensors"))
+    return load_file(str(out / "model" / "model.safetensors"))
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -89,9 +93,10 @@ def reference(setup) -> Path:
     return out
 
 
-def start_and_wait(setup, out: Path, min_step: int) -> subprocess.Popen:
-    """Start a run and return once it has logged `min_step` (so it has saved a checkpoint) and is still going."""
-    proc = subprocess.Popen([sys.executable, "-m", "minibert.pretrain", *setup["args"], "--out", str(out)],
+def start_and_wait(args: list[str], out: Path, min_step: int, min_seconds: float = 0.0) -> subprocess.Popen:
+    """Start a run and return once it has logged `min_step` (so it has saved a checkpoint) after
+    `min_seconds` of training, and is still going."""
+    proc = subprocess.Popen([sys.executable, "-m", "minibert.pretrain", *args, "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -100,8 +105,10 @@ def start_and_wait(setup, out: Path, min_step: int) -> subprocess.Popen:
         metrics = out / "metrics.jsonl"
         if metrics.exists():
             lines = metrics.read_text(encoding="utf-8").splitlines()
-            if len(lines) >= 2 and json.loads(lines[-2])["step"] >= min_step:  # [-2]: the last line may be half written
-                return proc
+            if len(lines) >= 2:  # [-2]: the last line may be half written
+                last = json.loads(lines[-2])
+                if last["step"] >= min_step and last["time_s"] >= min_seconds:
+                    return proc
         time.sleep(0.02)
     proc.kill()
     pytest.fail("the run did not reach the step to interrupt in time")
@@ -109,7 +116,7 @@ def start_and_wait(setup, out: Path, min_step: int) -> subprocess.Popen:
 
 def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference):
     out = setup["tmp"] / "killed"
-    proc = start_and_wait(setup, out, min_step=12)
+    proc = start_and_wait(setup["args"], out, min_step=12)
     proc.send_signal(signal.SIGKILL)  # no chance to save anything: resume from the last periodic checkpoint
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
@@ -125,7 +132,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference):
 
 def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(setup, reference):
     out = setup["tmp"] / "interrupted"
-    proc = start_and_wait(setup, out, min_step=7)
+    proc = start_and_wait(setup["args"], out, min_step=7)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -139,9 +146,9 @@ def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(setup, reference):
 
 def rescore(setup, out: Path) -> dict:
     """Load the output folder with from_pretrained and score it on the run's held-out split, in float32."""
-    model = BertForPreTraining.from_pretrained(out)
-    cfg = pretrain.parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(out)], "test", "")
-    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(out), log=lambda *a: None)
+    model = BertForPreTraining.from_pretrained(out)  # a run folder: its model/
+    cfg = parse_config(pretrain.PretrainConfig, setup["args"] + ["--out", str(out)], "test", "")
+    data = pretrain.prepare_data(cfg, pretrain.Tokenizer.from_file(out / "model"), log=lambda *a: None)
     return pretrain.evaluate(model, data.eval_batches, data.baseline_id, "cpu")
 
 
@@ -193,8 +200,6 @@ def test_gpu_processes_also_get_gloo_for_the_cpu_sums(monkeypatch, device, backe
     CPU run above carries those sums through gloo)."""
     import torch.distributed
 
-    from minibert import trainutil
-
     asked = []
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -203,7 +208,7 @@ def test_gpu_processes_also_get_gloo_for_the_cpu_sums(monkeypatch, device, backe
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     threads = torch.get_num_threads()
     try:
-        d = trainutil.init_distributed(device)
+        d = init_distributed(device)
     finally:
         torch.set_num_threads(threads)
     assert asked == [backend] and d.enabled
@@ -234,7 +239,7 @@ def plain_and_flagged(setup, base: list[str], flag: str, names: tuple[str, str])
     """Run `base` into tmp/names[0] and `base + flag` into tmp/names[1]; their training records."""
     plain, flagged = (setup["tmp"] / n for n in names)
     assert inprocess(setup, plain, *base) == 0
-    assert inprocess(setup, flagged, *base, flag) == 0
+    assert inprocess(setup, flagged, *base, *flag.split()) == 0
     return train_records(plain), train_records(flagged)
 
 
@@ -255,10 +260,10 @@ def test_packed_rows_follow_the_padded_curve(setup, capsys):
 
 
 def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys):
-    """--bf16 on the CPU: bf16 autocast in the training step only. Same data, same init: the
+    """--precision bf16 on the CPU: bf16 autocast in the training step only. Same data, same init: the
     losses stay within 2% of float32 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding), and
     the held-out scores are computed in float32, so the saved folder rescores exactly."""
-    a, b = plain_and_flagged(setup, SIX_STEPS, "--bf16", ("fp32", "bf16"))
+    a, b = plain_and_flagged(setup, SIX_STEPS, "--precision bf16", ("fp32", "bf16"))
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)
@@ -339,18 +344,133 @@ def test_resume_refuses_other_settings_and_missing_state(setup, reference, capsy
     assert "--lr: saved 0.002, now 0.0001" in capsys.readouterr().err
 
 
-def test_bad_option_values_exit_with_a_message(capsys):
-    assert pretrain.main(["--mlm-prob", "1.5"]) == 2
-    assert "--mlm-prob must be in (0, 1)" in capsys.readouterr().err
+def test_a_second_run_into_a_finished_run_fails_before_any_work(setup, reference, capsys):
+    before = weights(reference)
+    assert inprocess(setup, reference) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no data preparation, no model
+    assert err.count("\n") == 1
+    assert f"--out {reference} already holds a model or run" in err and "--resume" in err and "--overwrite" in err
+    after = weights(reference)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_overwrite_starts_a_new_run_that_keeps_nothing_of_the_old_one(setup, capsys):
+    out = setup["tmp"] / "overwritten"
+    assert inprocess(setup, out, "--max-steps", "2", "--eval-every", "2", "--save-every", "2") == 0
+    assert (out / "best").is_dir() and (out / "train_state.pt").exists()
+    # the new run dies at its first step: had it kept the old run's files, --resume would pick them up
+    assert inprocess(setup, out, "--overwrite", "--debug-nan-at-step", "1") == 1
+    assert not any((out / n).exists() for n in ("train_state.pt", "model", "best", "curves.png"))
+    assert (out / "metrics.jsonl").read_text() == ""
+    assert json.loads((out / "run_config.json").read_text())["overwrite"] is True
+
+
+def test_resume_refuses_other_corpus_content_global_batch_or_schedule_but_not_a_renamed_corpus(setup, reference,
+                                                                                                capsys, tmp_path):
+    text = Path(setup["opts"]["corpus"]).read_text(encoding="utf-8")
+    edited = tmp_path / "corpus.txt"  # the same file name, one letter changed
+    edited.write_text(text.replace("a", "o", 1), encoding="utf-8")
+    refusals = [(["--corpus", str(edited)], "corpus content (sha256 of the files' bytes"),
+                (["--batch-size", "4"], "global batch (processes x --batch-size x --grad-accum): saved 8, now 4"),
+                (["--max-steps", str(2 * STEPS)], f"--max-steps: saved {STEPS}, now {2 * STEPS}"),
+                (["--time-budget", "5"], "--time-budget: saved None, now 5.0")]
+    for change, expected in refusals:
+        assert inprocess(setup, reference, "--resume", *change) == 1
+        err = capsys.readouterr().err
+        assert expected in err and err.count("\n") == 1, err
+    renamed = tmp_path / "renamed.txt"  # the same bytes under another name, the same global batch made otherwise
+    renamed.write_text(text, encoding="utf-8")
+    again = ["--resume", "--corpus", str(renamed), "--batch-size", "4", "--grad-accum", "2"]
+    assert inprocess(setup, reference, *again) == 0
+    assert f"resumed from {reference / 'train_state.pt'} at step {STEPS}" in capsys.readouterr().out
+
+
+def test_time_budget_ends_at_the_budget_with_lr_0_and_resume_keeps_the_same_budget(setup, tmp_path):
+    """--time-budget 0.15 (9 s) with --max-steps 3, which it ignores: stopped by Ctrl-C after 4 s,
+    then resumed; the run ends once 9 s of training are spent in all, not 9 s after the resume."""
+    budget = 9.0
+    args = cli(setup["opts"], time_budget=budget / 60, warmup_fraction=0.2, max_steps=3, eval_every=10_000,
+               save_every=10_000)
+    out = tmp_path / "budget"
+    proc = start_and_wait(args, out, min_step=2, min_seconds=4.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    first = torch.load(out / "train_state.pt", weights_only=True)
+    first_clock = first["clock"][0]
+    r = run_cli(args + ["--out", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = train_records(out)
+    assert [x["step"] for x in recs] == list(range(1, len(recs) + 1)) and len(recs) > 3  # one run, past --max-steps
+    assert budget <= recs[-1]["time_s"] < first_clock + budget - 1  # the budget was not restarted
+    peak = setup["opts"]["lr"]
+    lrs = [x["lr"] for x in recs]
+    top = lrs.index(max(lrs))
+    assert 0 < top < len(lrs) - 1 and max(lrs) > 0.5 * peak  # warms up, then decays...
+    assert lrs[-1] == 0.0  # ...to zero once the budget is spent
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["kind"] == "eval" and (out / "best" / "eval.json").exists()
+
+
+def test_init_continues_from_a_pretraining_run_with_its_weights_and_tokenizer(setup, reference, tmp_path, capsys):
+    other = make_corpus(tmp_path / "other.txt", n_docs=120, seed=1)
+    out = tmp_path / "continued"
+    # one step at a vanishing learning rate: the weights are still --init's, every one of them
+    assert inprocess(setup, out, "--init", str(reference), "--corpus", str(other), "--max-steps", "1", "--lr", "1e-12",
+                     "--warmup", "1", "--vocab-size", "50") == 0
+    assert f"model: --init {reference}" in capsys.readouterr().out
+    a, b = weights(reference), weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert (out / "model" / "vocab.txt").read_text() == (reference / "model" / "vocab.txt").read_text()
+
+
+def hf_folder(tmp_path: Path, reference: Path, cls_name: str) -> Path:
+    """A Hugging Face BERT folder (tiny, random) of class cls_name with the reference run's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    vocab = (reference / "model" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / cls_name
+    getattr(transformers, cls_name)(cfg).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).write_bytes((reference / "model" / name).read_bytes())
+    return folder
+
+
+def test_init_takes_a_hugging_face_folder_with_an_mlm_head_and_refuses_one_without(setup, reference, tmp_path, capsys):
+    mlm = hf_folder(tmp_path, reference, "BertForMaskedLM")
+    assert inprocess(setup, tmp_path / "from_hf", "--init", str(mlm), "--max-steps", "2", "--seq-len", "32") == 0
+    assert BertForPreTraining.from_pretrained(tmp_path / "from_hf").config.hidden_size == 32
+    encoder = hf_folder(tmp_path, reference, "BertModel")
+    assert inprocess(setup, tmp_path / "from_encoder", "--init", str(encoder), "--max-steps", "2") == 1
+    err = capsys.readouterr().err.splitlines()[-1]  # after transformers' own progress output
+    assert err.startswith(f"python -m minibert.pretrain: error: --init {encoder}: the checkpoint has no masked-LM head")
+    assert not (tmp_path / "from_encoder" / "model").exists()
+
+
+def test_bad_option_values_exit_with_a_one_line_message(capsys):
+    assert pretrain.main(["--mlm-prob", "1.5"]) == 1
+    assert capsys.readouterr().err == "python -m minibert.pretrain: error: --mlm-prob must be in (0, 1), got 1.5\n"
+    assert pretrain.main(["--init", "x", "--tokenizer", "y"]) == 1
+    assert "--init brings its own tokenizer" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert pretrain.main(["--device", "cuda"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_help_documents_every_option():
     text = build_parser(pretrain.PretrainConfig, "x", "").format_help()
     for flag in ["--corpus", "--tokenizer", "--vocab-size", "--preset", "--seq-len", "--batch-size", "--grad-accum",
                  "--max-steps", "--lr", "--warmup", "--mlm-prob", "--no-nsp", "--out", "--resume", "--seed", "--device",
-                 "--compile", "--eval-every", "--save-every", "--whole-word-mask", "--static-masking", "--errors", "--fp16", "--bf16"]:
+                 "--compile", "--eval-every", "--save-every", "--whole-word-mask", "--static-masking", "--errors",
+                 "--precision", "--overwrite", "--time-budget", "--init", "--threads"]:
         assert flag in text, flag
     assert "--debug-nan-at-step" not in text  # a test hook, not an option
+    assert "--bf16 / --fp16 / --fp32" in " ".join(text.split())  # where the former switches went
+    assert "../shared" not in text and " ms" not in text  # no development paths or measurements
 
 
 @pytest.mark.slow
