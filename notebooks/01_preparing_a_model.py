@@ -162,6 +162,20 @@ print(clf.classifier)
 result("head_params", f"{sum(p.numel() for p in clf.classifier.parameters()):,}")
 
 # %% [markdown]
+# What else does the checkpoint hold? Loading it into `BertForPreTraining` (encoder +
+# masked-LM head + NSP head) shows which parts it lacks: the pooler is there, the
+# masked-LM head is not.
+
+# %%
+from minibert import BertForPreTraining
+
+pre_report = BertForPreTraining.from_pretrained(path).load_report
+print("BertForPreTraining load report:", pre_report)
+result("minilm_initialised_for_pretraining", len(pre_report["initialised"]))
+result("minilm_has_mlm_head", not any(n.startswith("mlm.") for n in pre_report["initialised"]))
+result("minilm_has_pooler", not any(n.startswith("bert.pooler") for n in pre_report["initialised"]))
+
+# %% [markdown]
 # ## The fine-tuning steps, once through
 #
 # 1. load (done), 2. add a head (done), 3. prepare data, 4. loss and optimiser,
@@ -186,17 +200,20 @@ print(len(dev), "dev rows; positive share", f"{y_dev.float().mean():.2f}")
 
 
 @torch.no_grad()
-def pooled_features(texts, bs=64):
-    """The frozen encoder's pooled [CLS] vectors, (N, H)."""
+def encoder_features(texts, bs=64):
+    """The frozen encoder's pooled [CLS] vectors and its mean-pooled vectors, both (N, H)."""
     clf.eval()
-    out = []
+    pooled, mean = [], []
     for i in range(0, len(texts), bs):
         b = tok(texts[i : i + bs], max_length=128)
-        out.append(clf.bert.pool(clf.bert(**b)))
-    return torch.cat(out)
+        h = clf.bert(**b)  # (B, T, H)
+        keep = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
+        pooled.append(clf.bert.pool(h))
+        mean.append((h * keep).sum(1) / keep.sum(1))  # the mean pooling of exercise 4
+    return torch.cat(pooled), torch.cat(mean)
 
 
-f_train, f_dev = pooled_features(x_train), pooled_features(dev.texts)
+(f_train, mean_train), (f_dev, mean_dev) = encoder_features(x_train), encoder_features(dev.texts)
 print(f_train.shape, f_dev.shape)
 
 # %% [markdown]
@@ -304,6 +321,46 @@ if REAL:
     result("real_sst2_max_pieces", int(n.max()))
 else:
     print("no real data: set MINIBERT_DATA or put it at ../shared/data to see the real corpora")
+
+# %% [markdown]
+# ## Answers to the exercises that compute something
+#
+# Exercise 2: another language. The vocabulary is English WordPiece, lower-cased.
+
+# %%
+for lang, text in [("German", "Das Modell versteht keine deutschen Komposita wie Donaudampfschifffahrt."),
+                   ("Chinese", "预训练语言模型的微调步骤")]:
+    pieces = tok.convert_ids_to_tokens(tok.encode(text)["input_ids"])[1:-1]
+    n_unk = pieces.count("[UNK]")
+    print(f"{lang}: {len(pieces)} pieces, {n_unk} [UNK]: {' '.join(pieces)}")
+    result(f"{lang.lower()}_pieces", f"{len(pieces)} pieces, {n_unk} [UNK]")
+
+# %% [markdown]
+# Exercise 3: the `[CLS]` vector instead of the mean, on the four sentences.
+
+# %%
+cls_emb = F.normalize(h[:, 0], dim=-1)  # (B, H): the final [CLS] vectors of the similarity batch
+cls_sim = cls_emb @ cls_emb.T
+print(torch.round(cls_sim, decimals=3))
+result("cls_cos_guitar_pair", f"{cls_sim[0, 1]:.2f}")
+result("cls_cos_bread_pair", f"{cls_sim[2, 3]:.2f}")
+result("cls_cos_guitar_bread", f"{cls_sim[0, 2]:.2f}")
+
+# %% [markdown]
+# Exercise 4: the same linear probe on mean-pooled vectors (computed in the same pass as
+# the pooled ones).
+
+# %%
+torch.manual_seed(0)
+mean_head = torch.nn.Linear(cfg.hidden_size, 2)
+clf.train()  # dropout on the features while training, as for the pooled probe
+train_head(mean_head, mean_train, y_train)
+clf.eval()
+mean_head.eval()
+with torch.no_grad():
+    mean_acc = accuracy(y_dev, mean_head(mean_dev).argmax(-1))
+print(f"linear probe on mean-pooled vectors: dev accuracy {mean_acc:.1%} (on the pooled [CLS]: {dev_acc:.1%})")
+result("probe_mean_dev_accuracy", f"{mean_acc:.1%}")
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s ({time.process_time():.0f} s of CPU time in this kernel)")

@@ -190,9 +190,14 @@ plt.show()
 # %% [markdown]
 # ## 4. Mixed precision
 #
-# Under `torch.autocast` matrix multiplications run in a 16-bit type while the weights,
-# the reductions (softmax, LayerNorm) and the gradients stay in float32. bfloat16 keeps
-# float32's exponent range, so it needs no loss scaling, and it works on the CPU.
+# Under `torch.autocast` each operation is looked up in the device's lists: ops on the
+# lower-precision list (matrix products, `Linear`) cast their inputs to the 16-bit type,
+# ops on the float32 list cast them up, and every other op runs in whatever type its
+# inputs have. The lists differ by device. On CUDA, softmax, log_softmax and LayerNorm
+# are on the float32 list; on the CPU they are on neither list, while the losses
+# (`nll_loss`, so `cross_entropy`) are on the CPU's float32 list. To see which rule
+# applied, each op gets a **bfloat16** input as well as a float32 one: a float32 input
+# comes out float32 under either rule and proves nothing.
 
 # %%
 sentences = [
@@ -210,20 +215,71 @@ def sentence_vectors(h):
 
 
 layer0 = minilm.encoder.layers[0]
+
+
+def dtypes_under_autocast(device):
+    """The output type of each op inside autocast(device, bfloat16), for float32 and bfloat16 inputs."""
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(4, minilm.config.hidden_size, generator=g).to(device)  # (B, H)
+    x16 = x32.bfloat16()  # the same values, really bfloat16
+    labels = torch.tensor([0, 1, 2, 3], device=device)
+    linear, norm = layer0.attn.q.to(device), layer0.norm1.to(device)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        out = {
+            "Linear, float32 in": linear(x32).dtype,
+            "softmax, bfloat16 in": x16.softmax(-1).dtype,
+            "softmax, float32 in": x32.softmax(-1).dtype,
+            "LayerNorm, bfloat16 in": norm(x16).dtype,
+            "LayerNorm, float32 in": norm(x32).dtype,
+            "cross_entropy, bfloat16 in": F.cross_entropy(x16, labels).dtype,
+        }
+    linear.cpu(), norm.cpu()
+    return out
+
+
+cpu_rules = dtypes_under_autocast("cpu")
+for op, dt in cpu_rules.items():
+    print(f"CPU autocast  {op:28s} -> {dt}")
+if torch.cuda.is_available():  # the CUDA lists, for comparison (no RESULT: not every machine has a GPU)
+    for op, dt in dtypes_under_autocast("cuda").items():
+        print(f"CUDA autocast {op:28s} -> {dt}")
+result("autocast_linear_dtype", cpu_rules["Linear, float32 in"])
+result("autocast_cpu_softmax_bf16_input", cpu_rules["softmax, bfloat16 in"])
+result("autocast_cpu_layernorm_bf16_input", cpu_rules["LayerNorm, bfloat16 in"])
+result("autocast_cpu_layernorm_fp32_input", cpu_rules["LayerNorm, float32 in"])
+result("autocast_cpu_cross_entropy_bf16_input", cpu_rules["cross_entropy, bfloat16 in"])
+
+# %% [markdown]
+# What does that mean inside the model? The attention scores $QK^\top$ come out of a
+# bfloat16 matrix product. Without a padding mask the softmax gets them as they are and,
+# on the CPU, runs in bfloat16; with one, minibert first adds the mask as a float32 bias,
+# and type promotion hands the softmax a float32 input. Each LayerNorm's input is the
+# residual sum $x + \mathrm{Sublayer}(x)$, float32 plus bfloat16, which promotion makes
+# float32: the LayerNorms run in float32 by promotion, not by autocast's lists. Forward
+# hooks record what each LayerNorm of the model receives.
+
+# %%
+seen = set()
+hooks = [m.register_forward_hook(lambda mod, inp, out: seen.add(inp[0].dtype))
+         for m in minilm.modules() if isinstance(m, torch.nn.LayerNorm)]
 with torch.no_grad():
     h32 = minilm(**batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h16 = minilm(**batch)
-        x = minilm.embeddings(batch["input_ids"], batch["token_type_ids"])  # (B, T, H)
-        linear_dtype, norm_dtype = layer0.attn.q(x).dtype, layer0.norm1(x).dtype
-        print("inside autocast: a Linear gives", linear_dtype, "| a LayerNorm gives", norm_dtype,
-              "| the model's output (after its last LayerNorm) is", h16.dtype)
+        h16, maps16 = minilm.forward_with_attention(**batch)  # 4 rows, padded: with a padding mask
+        one_row = batch["input_ids"][:1, : int(batch["attention_mask"][0].sum())]  # one sentence, no padding
+        _, maps16_unmasked = minilm.forward_with_attention(one_row)  # no mask at all
+for hk in hooks:
+    hk.remove()
+print("inside CPU autocast: attention probabilities with a padding mask", maps16[0].dtype,
+      "| without a mask", maps16_unmasked[0].dtype, "| LayerNorm inputs", sorted(map(str, seen)),
+      "| the model's output", h16.dtype)
+result("autocast_cpu_attention_probs_padded", maps16[0].dtype)
+result("autocast_cpu_attention_probs_unmasked", maps16_unmasked[0].dtype)
+result("autocast_model_layernorm_inputs", " ".join(sorted(map(str, seen))))
 cos = (sentence_vectors(h32) * sentence_vectors(h16.float())).sum(-1)
 print("cosine(float32, bfloat16) per sentence:", [round(c, 4) for c in cos.tolist()])
 print("similarity matrix, float32:\n", (sentence_vectors(h32) @ sentence_vectors(h32).T).numpy().round(3))
 print("similarity matrix, bfloat16:\n", (sentence_vectors(h16.float()) @ sentence_vectors(h16.float()).T).numpy().round(3))
-result("autocast_linear_dtype", linear_dtype)
-result("autocast_layernorm_dtype", norm_dtype)
 result("bf16_min_cosine_above_0.99", bool(cos.min() > 0.99))
 
 
@@ -323,6 +379,153 @@ with tempfile.TemporaryDirectory() as d:
         same = torch.equal(reloaded.module()(*args2), program.module()(*args2))
 print(f"saved program: {size_mb:.0f} MB; reloaded gives identical output: {same}")
 result("export_reload_identical", same)
+
+# %% [markdown]
+# ## Answers to the exercises that compute something
+#
+# The chapter's answers quote these numbers. Exercise 1: the rank of $J$ and its null
+# space.
+
+# %%
+rank = int(torch.linalg.matrix_rank(J_hand))
+ones_residual = (J_hand @ torch.ones(T, dtype=J_hand.dtype)).abs().max().item()
+print(f"rank of J: {rank} (T = {T}); max |J 1| = {ones_residual:.1e}")
+result("jacobian_rank", f"{rank} of {T}")
+result("jacobian_kills_constant_shift", ones_residual < 1e-15)
+
+# %% [markdown]
+# Exercise 2: LayerNorm's backward by hand. With $\hat x = (x - \mu)/\sigma$ and
+# $u = \gamma \odot g$ for the upstream gradient $g$, the input gradient is
+# $\frac{1}{\sigma}\big(u - \mathrm{mean}(u) - \hat x\,\mathrm{mean}(u \odot \hat x)\big)$:
+# the same "subtract the mean of the upstream gradient" shape as the softmax, twice.
+
+# %%
+class LayerNormByHand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, eps=1e-12):
+        mu = x.mean(-1, keepdim=True)
+        sigma = (x.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        xhat = (x - mu) / sigma
+        ctx.save_for_backward(xhat, sigma, gamma)
+        return gamma * xhat + beta
+
+    @staticmethod
+    def backward(ctx, g):
+        xhat, sigma, gamma = ctx.saved_tensors
+        u = g * gamma
+        dx = (u - u.mean(-1, keepdim=True) - xhat * (u * xhat).mean(-1, keepdim=True)) / sigma
+        dims = tuple(range(g.dim() - 1))
+        return dx, (g * xhat).sum(dims), g.sum(dims), None
+
+
+ln_args = [torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True),
+           torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True),
+           torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)]
+ok_ln = torch.autograd.gradcheck(lambda x, w, b: LayerNormByHand.apply(x, w, b), ln_args, eps=1e-6, atol=1e-8)
+same_fwd = torch.allclose(LayerNormByHand.apply(*ln_args), F.layer_norm(ln_args[0], (8,), *ln_args[1:], 1e-12))
+print("LayerNorm by hand: gradcheck", ok_ln, "| forward equals F.layer_norm", same_fwd)
+result("layernorm_backward_gradcheck", ok_ln and same_fwd)
+
+# %% [markdown]
+# Exercise 3: the finite-difference error against the step $\varepsilon$. The
+# truncation error of a central difference falls as $\varepsilon^2$, the rounding error
+# grows as $10^{-16}/\varepsilon$: a U with its bottom where the two meet.
+
+# %%
+eps_list = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10, 1e-12]
+fd_err = []
+for e_ in eps_list:
+    J_e = torch.stack([((s + e_ * e).softmax(-1) - (s - e_ * e).softmax(-1)) / (2 * e_)
+                       for e in torch.eye(T, dtype=s.dtype)], dim=1)
+    fd_err.append((J_hand - J_e).abs().max().item())
+print(" ".join(f"eps {e_:.0e}: {err:.0e} |" for e_, err in zip(eps_list, fd_err)))
+best = eps_list[min(range(len(eps_list)), key=fd_err.__getitem__)]
+result("fd_best_eps", f"{best:.0e}")
+plt.figure(figsize=(4, 2.6))
+plt.loglog(eps_list, fd_err, marker="o")
+plt.xlabel("ε")
+plt.ylabel("max |J_hand - J_fd|")
+plt.grid(alpha=0.3)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Exercise 4: float16 for inference. Its largest value is 65,504; do the activations of
+# all-MiniLM-L6-v2 come near it? Hooks record the largest magnitude each encoder layer
+# outputs under float16 autocast.
+
+# %%
+peak = []
+
+
+def record_peak(module, inputs, out):
+    h = out[0] if isinstance(out, tuple) else out  # a layer may also return its attention weights
+    peak.append(h.abs().max().item())
+
+
+hooks = [layer.register_forward_hook(record_peak) for layer in minilm.encoder.layers]
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+    h_fp16 = minilm(**batch)
+for hk in hooks:
+    hk.remove()
+cos16 = (sentence_vectors(h32) * sentence_vectors(h_fp16.float())).sum(-1)
+print(f"largest activation per layer under float16: {[round(v, 1) for v in peak]}; "
+      f"min cosine to float32 {cos16.min():.5f}; any inf/nan: {not torch.isfinite(h_fp16).all()}")
+result("fp16_inference_finite", bool(torch.isfinite(h_fp16).all()))
+result("fp16_largest_activation_below_1000", max(peak) < 1000)
+
+# %% [markdown]
+# Exercise 5: a `print(x.sum().item())` inside every encoder layer. `.item()` needs the
+# value, so TorchDynamo must stop the graph there and run the Python: a graph break per
+# layer. The method is patched on this one small model's layers (model.py is unchanged).
+
+# %%
+import contextlib
+import io
+import logging
+import types
+
+logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # the graph-break warnings are the point here
+
+
+def printing_forward(self, x, *args, **kwargs):
+    print(x.sum().item())
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+noisy = BertModel(small_cfg).eval()
+for lyr in noisy.encoder.layers:
+    lyr.forward = types.MethodType(printing_forward, lyr)
+with contextlib.redirect_stdout(io.StringIO()):
+    noisy_explained = torch._dynamo.explain(noisy)(ids)
+print(f"with a print in each of {small_cfg.num_layers} layers: {noisy_explained.graph_count} graphs, "
+      f"{noisy_explained.graph_break_count} graph breaks")
+result("graphs_with_print", f"{noisy_explained.graph_count} graphs, {noisy_explained.graph_break_count} graph breaks")
+
+# %% [markdown]
+# Exercise 6: export a classifier and count the matrix products. `torch.export` wants
+# tensors out, so a two-line wrapper returns the logits.
+
+# %%
+from collections import Counter
+
+
+class LogitsOnly(torch.nn.Module):
+    def __init__(self, clf):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, input_ids):
+        return self.clf(input_ids).logits
+
+
+torch.manual_seed(0)
+clf_program = export(LogitsOnly(BertForSequenceClassification(small_cfg).eval()), (ids,))
+op_counts = Counter(str(n.target) for n in clf_program.graph.nodes if n.op == "call_function")
+matmuls = {k: v for k, v in op_counts.items() if any(w in k for w in ("linear", "mm", "matmul", "attention"))}
+print(f"{sum(op_counts.values())} operator calls; matrix products: {matmuls}")
+result("export_classifier_linears", op_counts.get("aten.linear.default", 0))
+result("export_classifier_attention_ops", op_counts.get("aten.scaled_dot_product_attention.default", 0))
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s ({time.process_time():.0f} s of CPU time in this kernel)")

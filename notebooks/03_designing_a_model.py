@@ -139,9 +139,11 @@ def predict(model, inputs, bs=500):
     return torch.cat([model(**{k: v[i : i + bs] for k, v in inputs.items()}).logits.argmax(-1) for i in range(0, n, bs)])
 
 
-def train_from_scratch(cfg, epochs=3, batch_size=32, lr=1e-3, warmup=0.1, seed=0):
+def train_from_scratch(cfg, epochs=3, batch_size=32, lr=1e-3, warmup=0.1, seed=0, reinit=None):
     torch.manual_seed(seed)  # initialisation and dropout
     model = BertForSequenceClassification(cfg)
+    if reinit is not None:
+        reinit(model)  # a change to the initial weights (exercise 2)
     opt = build_optimizer(model, lr=lr, weight_decay=0.01)
     n = len(y["train"])
     steps = epochs * math.ceil(n / batch_size)
@@ -201,6 +203,51 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# ### The loss, and its gradient by hand (交叉熵)
+#
+# The classifier's two logits $z_0, z_1$ go through a softmax and a cross-entropy. With
+# two classes that is exactly binary cross-entropy on the logit difference $d = z_1 - z_0$:
+# $p(1) = e^{z_1}/(e^{z_0} + e^{z_1}) = \sigma(d)$, so
+# $-\log p(y) = -[y \log \sigma(d) + (1 - y) \log(1 - \sigma(d))]$. Its gradient is
+# $\partial L/\partial d = \sigma(d) - y$, hence $\partial L/\partial z = \mathrm{softmax}(z) - \mathrm{onehot}(y)$
+# (the two entries are $\mp(\sigma(d) - y)$), and for any weight $\theta$ by the chain
+# rule $\partial L/\partial\theta = (\sigma(d) - y)\,\partial d/\partial\theta$: the
+# prediction error times the gradient of the **logit**, not of the probability.
+# Checked on the trained model's logits for a dev batch, in float64, against autograd.
+
+# %%
+with torch.no_grad():
+    z_dev = models["post-LN, learned (BERT)"].eval()(**{k: v[:64] for k, v in X["dev"].items()}).logits.double()
+y_b = y["dev"][:64]
+z = z_dev.clone().requires_grad_(True)
+ce = torch.nn.functional.cross_entropy(z, y_b)  # mean over the batch
+ce.backward()
+d = (z_dev[:, 1] - z_dev[:, 0]).requires_grad_(True)
+bce = torch.nn.functional.binary_cross_entropy_with_logits(d, y_b.double())
+bce.backward()
+by_hand_d = (torch.sigmoid(d.detach()) - y_b) / len(y_b)  # dL/dd
+by_hand_z = torch.stack([-by_hand_d, by_hand_d], dim=1)  # dL/dz = softmax(z) - onehot(y), over B
+err_d, err_z = (by_hand_d - d.grad).abs().max().item(), (by_hand_z - z.grad).abs().max().item()
+print(f"cross-entropy {ce.item():.6f}, BCE on z1 - z0 {bce.item():.6f}; "
+      f"max |hand - autograd|: dL/dd {err_d:.1e}, dL/dz {err_z:.1e}")
+result("two_class_ce_equals_bce", abs(ce.item() - bce.item()) < 1e-12)
+result("bce_hand_gradient_matches_autograd", err_d < 1e-15 and err_z < 1e-15)
+
+# (M - y) times the gradient of the logit, not of the probability M: one logistic unit, d = w . x
+g64 = torch.Generator().manual_seed(0)
+xs_, w_ = torch.randn(8, 5, dtype=torch.float64, generator=g64), torch.randn(5, dtype=torch.float64, generator=g64)
+ys_ = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.float64)
+w_.requires_grad_(True)
+torch.nn.functional.binary_cross_entropy_with_logits(xs_ @ w_, ys_, reduction="sum").backward()
+M = torch.sigmoid(xs_ @ w_.detach())
+grad_logit = ((M - ys_)[:, None] * xs_).sum(0)  # (M - y) * dd/dw
+grad_prob = ((M - ys_)[:, None] * (M * (1 - M))[:, None] * xs_).sum(0)  # (M - y) * dM/dw
+print(f"autograd vs (M - y) grad(logit): {(w_.grad - grad_logit).abs().max():.1e}; "
+      f"vs (M - y) grad(M): {(w_.grad - grad_prob).abs().max():.1e}")
+err_logit, err_prob = (w_.grad - grad_logit).abs().max().item(), (w_.grad - grad_prob).abs().max().item()
+result("gradient_is_error_times_logit_gradient", err_logit < 1e-12 and err_prob > 1e-3)
+
+# %% [markdown]
 # ## 3. Accuracy, precision, recall, F1 and the confusion matrix
 #
 # The BERT-style model from above, measured once on the test set.
@@ -240,7 +287,8 @@ def finetune(name, **fields):
     t = time.perf_counter()
     lines = []
     metrics = run(cfg, log=lines.append)  # keep the log quiet; the last line is the summary
-    history = json.loads((WORK / name / "history.json").read_text())
+    log_lines = (WORK / name / "metrics.jsonl").read_text().splitlines()  # one JSON record per line
+    history = [json.loads(line) for line in log_lines if line.strip()]
     print(f"{name}: test accuracy {metrics['test']['accuracy']:.3f}, best dev {metrics['dev']['accuracy']:.3f} "
           f"at step {metrics['train']['best_step']} of {metrics['train']['steps']} ({time.perf_counter() - t:.0f} s)")
     return metrics, history
@@ -294,6 +342,33 @@ result("accuracy_standard_error", f"{100 * se:.1f} points")
 # gradient, put the embeddings back, then update. Same 200 rows and settings as the
 # regularised run, plus `adversarial="fgm"`, with two sizes of the step ε.
 
+# %% [markdown]
+# How large is a step of ε? The runs use the tiny preset (H = 128), whose token vectors
+# start with a norm of about $0.02\sqrt{128}$. And `FGM.attack` divides by the norm of
+# the whole embedding gradient, so ε is the length of the step of **all** the rows of
+# the batch together, not of each token: each row moves by its share of ε. One batch of
+# 16 training rows, on a fresh tiny model, shows the shares.
+
+# %%
+from minibert.strategies import FGM
+
+torch.manual_seed(0)
+fresh = BertForSequenceClassification(BertConfig.from_preset("tiny", vocab_size=tok.vocab_size))
+tiny_norm = fresh.bert.embeddings.tok.weight[5:].norm(dim=-1).mean().item()
+b16 = {k: v[:16, : int(X["train"]["attention_mask"][:16].sum(1).max())] for k, v in X["train"].items()}
+fresh(**b16, labels=y["train"][:16]).loss.backward()
+before = fresh.bert.embeddings.tok.weight.detach().clone()
+FGM(fresh.bert.embeddings.tok, epsilon=0.1).attack()
+step = (fresh.bert.embeddings.tok.weight.detach() - before).norm(dim=-1)  # (V,) how far each row moved
+moved = step[step > 0]
+print(f"tiny preset: token vector norm {tiny_norm:.2f}; epsilon 0.1 moves {len(moved)} rows, "
+      f"total length {moved.norm():.3f}, per row median {moved.median():.4f}, largest {moved.max():.3f} "
+      f"(the row of {tok.id_to_token(int(step.argmax()))})")
+result("tiny_token_embedding_norm", f"{tiny_norm:.2f}")
+result("fgm_rows_moved", len(moved))
+result("fgm_eps0.1_row_median", f"{moved.median():.4f}")
+result("fgm_eps0.1_row_max", f"{moved.max():.3f}")
+
 # %%
 for eps in (0.05, 0.1):
     m_fgm, h_fgm = finetune(f"fgm_{eps}", epochs=12, dropout=0.1, weight_decay=0.01, patience=3, adversarial="fgm", fgm_epsilon=eps, **small)
@@ -315,10 +390,10 @@ result("transfer_test_f1", f"{m_tl['test']['f1']:.3f}")
 # %% [markdown]
 # ### From scratch on real text (SST-2), when the data is there
 #
-# The small from-scratch recipe of section 2's BERT-style model, via the fine-tuning
+# A from-scratch model of the tiny preset (2 layers, H = 128), via the fine-tuning
 # command, on a seeded sample of 1,000 SST-2 training sentences (2 epochs in batches of
-# 16); tested on all 872 sentences of `test.tsv`. Real language is far harder to learn from 2,000 sentences
-# than the generator's reviews.
+# 16); tested on all 872 sentences of `test.tsv`. Real language is far harder to learn
+# from 1,000 sentences than the generator's reviews.
 
 # %%
 if REAL:
@@ -330,6 +405,92 @@ if REAL:
     result("real_sst2_scratch_accuracy", f"{m_sst['test']['accuracy']:.1%}")
 else:
     print("no real data: set MINIBERT_DATA or put it at ../shared/data to run this part")
+
+# %% [markdown]
+# ## Answers to the exercises that compute something
+#
+# Exercise 1: gradient norms per layer at step 0, for 6-layer post-LN and pre-LN models
+# (H = 64) on one batch, no training.
+
+# %%
+def layer_grad_norms(norm_position, layers=6, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=layers, num_heads=2, intermediate_size=256,
+                     max_position=64, norm_position=norm_position)
+    m = BertForSequenceClassification(cfg)
+    b = {k: v[:32, : int(X["train"]["attention_mask"][:32].sum(1).max())] for k, v in X["train"].items()}
+    m(**b, labels=y["train"][:32]).loss.backward()
+    return [math.sqrt(sum(float(p.grad.norm()) ** 2 for p in lyr.parameters() if p.grad is not None))
+            for lyr in m.bert.encoder.layers]
+
+
+grads = {pos: layer_grad_norms(pos) for pos in ("post", "pre")}
+plt.figure(figsize=(4.5, 2.8))
+for pos, gn in grads.items():
+    plt.semilogy(range(1, len(gn) + 1), gn, marker="o", label=f"{pos}-LN")
+    ratio = gn[-1] / gn[0]
+    print(f"{pos}-LN: gradient norm per layer at step 0 {[f'{v:.3f}' for v in gn]}; top / bottom {ratio:.1f}")
+    result(f"grad_top_over_bottom_{pos}", f"{ratio:.1f}")
+plt.xlabel("layer")
+plt.ylabel("gradient norm at step 0")
+plt.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Exercise 2: repair the sinusoidal model by giving the token vectors the scale of the
+# position vectors' entries (standard deviation 1/√2 ≈ 0.71, the RMS of sin and cos)
+# instead of 0.02, then train it exactly as before.
+
+# %%
+def token_scale_like_sinusoids(model):
+    with torch.no_grad():
+        model.bert.embeddings.tok.weight.normal_(0.0, 2**-0.5)
+
+
+_, hist_fixed = train_from_scratch(small_config(position_embedding="sinusoidal"), reinit=token_scale_like_sinusoids)
+acc_fixed = max(h["dev_accuracy"] for h in hist_fixed)
+print(f"sinusoidal, token vectors rescaled: best dev accuracy {acc_fixed:.3f}")
+result("dev_sinusoidal_rescaled", f"{acc_fixed:.1%}")
+
+# %% [markdown]
+# Exercise 3: precision and recall against the decision threshold, on the dev set.
+
+# %%
+with torch.no_grad():
+    p_pos = torch.cat([model(**{k: v[i : i + 500] for k, v in X["dev"].items()}).logits.softmax(-1)[:, 1]
+                       for i in range(0, len(y["dev"]), 500)])
+ts = torch.linspace(0.05, 0.95, 19)
+prec, rec = [], []
+for t_ in ts:
+    pr = (p_pos > t_).long()
+    tp_ = int(((pr == 1) & (y["dev"] == 1)).sum())
+    prec.append(tp_ / max(int(pr.sum()), 1))
+    rec.append(tp_ / int(y["dev"].sum()))
+f1s = [2 * p_ * r_ / (p_ + r_) if p_ + r_ else 0.0 for p_, r_ in zip(prec, rec)]
+best_i = max(range(len(ts)), key=f1s.__getitem__)
+plt.figure(figsize=(4.5, 2.8))
+plt.plot(ts, prec, label="precision")
+plt.plot(ts, rec, label="recall")
+plt.xlabel("threshold t on p(positive)")
+plt.legend(fontsize=8)
+plt.grid(alpha=0.3)
+plt.tight_layout()
+plt.show()
+print(f"t = 0.50: precision {prec[9]:.3f}, recall {rec[9]:.3f}; best dev F1 {f1s[best_i]:.3f} at t = {ts[best_i]:.2f}")
+result("threshold_best_f1_t", f"{ts[best_i]:.2f}")
+result("threshold_best_f1", f"{f1s[best_i]:.3f}")
+result("threshold_050_f1", f"{f1s[9]:.3f}")
+
+# %% [markdown]
+# Exercise 6: the stratified split with three classes keeps each class's share in every part.
+
+# %%
+three = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
+parts3 = stratified_split(three)
+shares = [[round((three[p] == c).float().mean().item(), 3) for c in range(3)] for p in parts3]
+print("sizes", [len(p) for p in parts3], "class shares per part", shares)
+result("stratified_three_class_shares", shares)
 
 # %%
 import shutil

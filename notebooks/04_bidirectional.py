@@ -305,9 +305,10 @@ result("prompt_zero_shot_confusion", m0["test"]["confusion_matrix"])
 #
 # Two models: $M_{ft}$ (the classifier being fine-tuned) and $M_{pre}$ (a copy of the
 # pretrained encoder with its masked-LM head). The loss is the task loss plus λ times an
-# InfoNCE alignment between the two models' sentence vectors of the same batch; both are
-# updated, so what the task teaches also flows back into $M_{pre}$. λ = 0.1, otherwise
-# the settings of the full fine-tuning run.
+# alignment between the two models. The series does not pin the alignment down; this
+# project's interpretation is an InfoNCE loss between the two models' sentence vectors
+# of the same batch. Both are updated, so what the task teaches also flows back into
+# $M_{pre}$. λ = 0.1, otherwise the settings of the full fine-tuning run.
 
 # %%
 mb = finetune("bidirectional (λ=0.1)", init=init, strategy="bidirectional", align_weight=0.1, **common)
@@ -317,6 +318,8 @@ print(f"M_pre held-out MLM accuracy (on the dev sentences): before {bi['mlm_accu
 result("acc_bidirectional", f"{mb['test']['accuracy']:.1%}")
 result("mpre_mlm_before", f"{bi['mlm_accuracy_before']:.1%}")
 result("mpre_mlm_after", f"{bi['mlm_accuracy_after']:.1%}")
+ratio = table["bidirectional (λ=0.1)"]["seconds"] / table["full"]["seconds"]
+print(f"wall time, bidirectional / full: {ratio:.1f}x on this machine (a timing: it varies from run to run)")
 
 # %%
 test_labels = [int(x) for x in read_labeled(files["test"]).labels]
@@ -332,6 +335,41 @@ ax.invert_yaxis()
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Answers to the exercises that compute something
+#
+# Exercise 1: a causal minibert. A lower-triangular (B, T, T) mask lets token $i$ attend
+# to tokens $1..i$ only; every probability above the diagonal must be exactly 0.
+
+# %%
+row = tok(["the soup was cold and the staff was rude"])
+T_ = row["input_ids"].shape[1]
+causal_mask = torch.tril(torch.ones(1, T_, T_, dtype=torch.long))  # (B, T, T): 1 = may attend
+with torch.no_grad():
+    _, causal_maps = mlm.bert.forward_with_attention(row["input_ids"], row["token_type_ids"], causal_mask)
+right = max(float(m[0].triu(diagonal=1).abs().max()) for m in causal_maps)  # weight on later tokens
+print(f"largest attention weight on a later token, over all layers and heads: {right}")
+result("causal_mask_blocks_the_right", right == 0.0)
+
+# %% [markdown]
+# Exercise 4: other verbalizers, zero-shot, on the same pretrained model.
+
+# %%
+for words in ("0:terrible,1:great", "0:awful,1:excellent"):
+    m_v = finetune(f"prompt zero-shot {words}", epochs=0, **{**prompt, "verbalizer": words})
+    result("prompt_zero_shot_" + words.replace("0:", "").replace(",1:", "_"), f"{m_v['test']['accuracy']:.1%}")
+
+# %% [markdown]
+# Exercise 5: bidirectional fine-tuning with λ = 0 (no alignment: $M_{pre}$ gets no
+# gradient) and λ = 1 (the alignment weighs as much as the task).
+
+# %%
+for lam in (0.0, 1.0):
+    m_l = finetune(f"bidirectional (λ={lam:g})", init=init, strategy="bidirectional", align_weight=lam, **common)
+    b_l = m_l["bidirectional"]
+    result(f"acc_bidirectional_lambda{lam:g}", f"{m_l['test']['accuracy']:.1%}")
+    result(f"mpre_mlm_after_lambda{lam:g}", f"{b_l['mlm_accuracy_after']:.1%}")
 
 # %%
 shutil.rmtree(WORK, ignore_errors=True)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from IPython.display import Image, display
 
 from minibert import BertForSequenceClassification, BertModel, Tokenizer
-from minibert.metrics import accuracy, confusion_matrix, plot_confusion_matrix, plot_curves, precision_recall_f1
+from minibert.metrics import accuracy, confusion_matrix, plot_confusion_matrix, precision_recall_f1
+from minibert.toolkit import plot_curves
 from minibert.model import AttentionMask, gelu, sinusoidal_encoding
 from minibert.optim import build_optimizer, warmup_linear
 from minibert.tabular import LabelMap, read_labeled
@@ -199,6 +200,28 @@ print(f"one layer: attention {n_attn:,} parameters, FFN {n_ffn:,}, whole layer {
 result("layer_attention_params", f"{n_attn:,}")
 result("layer_ffn_params", f"{n_ffn:,}")
 
+# %% [markdown]
+# Which GELU? minibert's `gelu` is the exact $x\,\Phi(x)$ with the erf, which is what
+# Hugging Face's `"gelu"` computes and what the released checkpoints are evaluated with.
+# Google's original BERT code (TensorFlow) used the tanh approximation
+# $\tfrac{x}{2}\big(1 + \tanh(\sqrt{2/\pi}\,(x + 0.044715\,x^3))\big)$ (`"gelu_new"` in
+# transformers). How far apart are they, on a grid and in layer 0 of the real model?
+
+# %%
+grid = torch.linspace(-6, 6, 120_001, dtype=torch.float64)
+tanh_by_formula = 0.5 * grid * (1 + torch.tanh(math.sqrt(2 / math.pi) * (grid + 0.044715 * grid**3)))
+assert torch.allclose(tanh_by_formula, F.gelu(grid, approximate="tanh"))  # torch's "tanh" is that formula
+gap = (gelu(grid) - tanh_by_formula).abs()
+where = grid[gap.argmax()].abs().item()
+with torch.no_grad():
+    ffn_gap = (ffn.down(F.gelu(ffn.up(x), approximate="tanh")) - ffn(x)).abs().max().item()
+print(f"max |GELU_erf - GELU_tanh| = {gap.max():.1e} at |x| = {where:.2f}; "
+      f"layer 0's FFN output moves by at most {ffn_gap:.1e} (its outputs are of size ~{ffn(x).abs().max():.0f})")
+result("gelu_tanh_max_difference", f"{gap.max():.1e}")
+result("gelu_tanh_max_difference_at", f"{where:.2f}")
+result("gelu_tanh_ffn_difference", f"{ffn_gap:.0e}")
+
+# %%
 xs = torch.linspace(-4, 4, 200)
 plt.figure(figsize=(4, 2.6))
 plt.plot(xs, gelu(xs), label="GELU(x) = x Φ(x)")
@@ -334,7 +357,8 @@ result("sentiment_majority", f"{majority:.1%}")
 result("sentiment_confusion", cm.tolist())
 
 with tempfile.TemporaryDirectory() as d:
-    display(Image(plot_curves(history, f"{d}/curves.png", keys=["loss", "dev_accuracy"])))
+    plot_curves(history, f"{d}/curves.png", {"loss": ["loss"], "dev accuracy": ["dev_accuracy"]})
+    display(Image(f"{d}/curves.png"))
     display(Image(plot_confusion_matrix(cm, ["negative (0)", "positive (1)"], f"{d}/cm.png", title="embedded test set")))
 
 # %% [markdown]
@@ -366,6 +390,79 @@ if REAL:
     result("real_sst2_transfer_f1", f"{sst_f1:.3f}")
 else:
     print("no real data: set MINIBERT_DATA or put it at ../shared/data to run this part")
+
+# %% [markdown]
+# ## Answers to the exercises that compute something
+#
+# Exercise 1: the readable "math" attention against `F.scaled_dot_product_attention`
+# ("sdpa", the default), switched with `set_backend` on the same weights.
+
+# %%
+batch = tok([sentence])
+with torch.no_grad():
+    h_sdpa = bert.set_backend(attn_impl="sdpa")(**batch)
+    h_math = bert.set_backend(attn_impl="math")(**batch)
+    bert.set_backend(attn_impl="sdpa")
+backend_gap = (h_sdpa - h_math).abs().max().item()
+print(f"max |math - sdpa| over the hidden states: {backend_gap:.1e}")
+result("math_vs_sdpa_below_1e-5", backend_gap < 1e-5)
+
+# %% [markdown]
+# Exercise 2: without positions, attention cannot tell order. Shuffle the tokens; with
+# the position table zeroed, layer 0's attention map of the shuffled sentence is the
+# original map with its rows and columns shuffled the same way; with the table, it is not.
+
+# %%
+perm = torch.randperm(T, generator=torch.Generator().manual_seed(1))
+shuffled = {k: v[:, perm] for k, v in batch.items()}
+saved_pos = bert.embeddings.pos.weight.detach().clone()
+
+
+def layer0_map(inputs):
+    with torch.no_grad():
+        return bert.forward_with_attention(**inputs)[1][0][0]  # (nh, T, T)
+
+
+gap_with = (layer0_map(shuffled) - layer0_map(batch)[:, perm][:, :, perm]).abs().max().item()
+with torch.no_grad():
+    bert.embeddings.pos.weight.zero_()
+gap_without = (layer0_map(shuffled) - layer0_map(batch)[:, perm][:, :, perm]).abs().max().item()
+with torch.no_grad():
+    bert.embeddings.pos.weight.copy_(saved_pos)
+print(f"shuffled map vs shuffled original map: with positions {gap_with:.2f}, positions zeroed {gap_without:.1e}")
+result("no_positions_map_just_permutes", gap_without < 1e-5 and gap_with > 0.1)
+
+# %% [markdown]
+# Exercise 3: $M_k$ is block-diagonal, one 2×2 rotation by $\omega_i k$ per frequency.
+
+# %%
+def shift_matrix(k, dim=cfg.hidden_size):
+    w = 1.0 / torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    M = torch.zeros(dim, dim, dtype=torch.float64)
+    c, s = torch.cos(w * k), torch.sin(w * k)
+    i = torch.arange(0, dim, 2)
+    M[i, i], M[i, i + 1], M[i + 1, i], M[i + 1, i + 1] = c, s, -s, c  # [sin, cos] pairs
+    return M
+
+
+for k_ in (1, 100):
+    err = (pe_long[:-k_] @ shift_matrix(k_).T - pe_long[k_:]).abs().max().item()
+    print(f"k = {k_}: max |M_k PE(p) - PE(p + k)| = {err:.1e}")
+    result(f"shift_matrix_k{k_}_exact", err < 1e-6)  # the table itself is float32
+
+# %% [markdown]
+# Exercise 4: one BERT-Base layer, counted on a model built at that size.
+
+# %%
+from minibert import BertConfig
+
+base_layer = BertModel(BertConfig(vocab_size=2, hidden_size=768, num_layers=1, num_heads=12,
+                                  intermediate_size=3072)).encoder.layers[0]
+n_base = sum(p.numel() for p in base_layer.parameters())
+n_base_ffn = sum(p.numel() for p in base_layer.ffn.parameters())
+print(f"BERT-Base layer: {n_base:,} parameters, feed-forward {n_base_ffn:,} ({n_base_ffn / n_base:.1%})")
+result("bert_base_layer_params", f"{n_base:,}")
+result("bert_base_ffn_share", f"{n_base_ffn / n_base:.1%}")
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s ({time.process_time():.0f} s of CPU time in this kernel)")

@@ -12,9 +12,19 @@ Each notebook prints the numbers its chapter quotes as lines of the form
 
 where `value` is already formatted the way the chapter writes it ("0.873", "91.3%",
 "22,713,216"). Only deterministic numbers (seeded, independent of the machine's speed)
-are printed this way; timings are printed as plain text and never checked. A chapter
-"quotes" a result when the value appears in its text as a whole token. The test suite
-(tests/test_notebooks.py) uses the functions below, so what this script reports is
+are printed this way; timings are printed as plain text and never checked.
+
+The chapter marks each place where it quotes a result with the result's name, in an
+HTML comment that the rendered page does not show:
+
+    the probe reaches <!--R:probe_dev_accuracy-->61.0% dev accuracy
+
+and the check reads the value AT that place: the text right after the marker (after any
+opening `, *, _ or quote, and an optional "name = ") must be the printed value, as a whole
+token. So a value repeated elsewhere in the chapter cannot stand in for a wrong quote.
+Every RESULT must be marked at least once, and every marker must name a RESULT (markers
+of `real_*` results are skipped when the notebook ran without the real data). The test
+suite (tests/test_notebooks.py) uses the functions below, so what this script reports is
 exactly what the tests check.
 
 The notebooks are stored without outputs; their sources of truth are the jupytext
@@ -101,21 +111,53 @@ def results(text: str) -> dict[str, str]:
     return found
 
 
-def quoted(value: str, text: str) -> bool:
-    """Does `value` appear in `text` as a whole token (not inside a longer number or word)?"""
-    return re.search(r"(?<![\w.])" + re.escape(value) + r"(?![\w]|\.\d)", text) is not None
+MARKER_RE = re.compile(r"<!--R:(?P<name>[A-Za-z0-9_.-]+)-->")
+_OPENERS = "`*_\"'“("  # formatting that may sit between a marker and its value
 
 
-def missing_from_chapter(stem: str, found: dict[str, str]) -> list[str]:
-    """The RESULT lines whose value the chapter does not quote."""
-    text = chapter_path(stem).read_text(encoding="utf-8")
-    return [f"RESULT {k} = {v}" for k, v in found.items() if not quoted(v, text)]
+def markers(text: str) -> list[tuple[str, int, str]]:
+    """(name, line number, the text that follows) for each `<!--R:name-->` marker."""
+    return [(m["name"], text.count("\n", 0, m.start()) + 1, text[m.end() :]) for m in MARKER_RE.finditer(text)]
+
+
+def value_at(name: str, value: str, after: str) -> bool:
+    """Does the text right after a marker start with `value` (or `name = value`) as a whole token?"""
+    after = after.lstrip(_OPENERS)
+    if after.startswith(f"{name} = "):
+        after = after[len(name) + 3 :]
+    return re.match(re.escape(value) + r"(?![\w]|\.\d)", after) is not None
+
+
+def quote_problems(text: str, found: dict[str, str], where: str = "chapter") -> list[str]:
+    """Every way the quotes in `text` disagree with the results in `found` (empty when they agree)."""
+    problems = []
+    marked = set()
+    for name, line, after in markers(text):
+        marked.add(name)
+        if name not in found:
+            if not name.startswith("real_"):  # real-data results exist only when the data does
+                problems.append(f"{where}:{line}: <!--R:{name}--> names no result the notebook printed")
+        elif not value_at(name, found[name], after):
+            shown = after.lstrip(_OPENERS)[: len(found[name]) + 12].replace("\n", " ")
+            problems.append(f"{where}:{line}: <!--R:{name}--> is followed by {shown!r}, "
+                            f"but the result is {found[name]!r}")
+    for name, value in found.items():
+        if name not in marked:
+            problems.append(f"{where}: RESULT {name} = {value} is quoted nowhere "
+                            f"(mark the quote: <!--R:{name}-->{value})")
+    return problems
+
+
+def chapter_problems(stem: str, found: dict[str, str]) -> list[str]:
+    """The quote problems of chapters/<stem>.md against the results its notebook printed."""
+    path = chapter_path(stem)
+    return quote_problems(path.read_text(encoding="utf-8"), found, where=str(path.relative_to(ROOT)))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("only", nargs="*", help="notebook name prefixes (default: all)")
-    ap.add_argument("--check", action="store_true", help="fail if a chapter does not quote a RESULT value")
+    ap.add_argument("--check", action="store_true", help="fail if a chapter's quote at a result's marker is wrong")
     ap.add_argument("--save", type=Path, help="folder for the executed notebooks")
     ap.add_argument("--saved", type=Path, help="read executed notebooks from this folder instead of running them")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per cell")
@@ -143,8 +185,8 @@ def main(argv=None) -> int:
             args.save.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, args.save / f"{stem}.ipynb")
         if args.check:
-            for line in missing_from_chapter(stem, found):
-                print(f"  not quoted in {chapter_path(stem).relative_to(ROOT)}: {line}")
+            for line in chapter_problems(stem, found):
+                print(f"  {line}")
                 failed = True
     return 1 if failed else 0
 

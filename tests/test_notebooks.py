@@ -1,7 +1,8 @@
 """The chapters and their notebooks cannot rot.
 
 * every notebook runs top to bottom (nbclient, kernel python3, in notebooks/) without an error;
-* every number a notebook prints as `RESULT name = value` is quoted in its chapter;
+* every number a notebook prints as `RESULT name = value` is quoted in its chapter at a
+  marker `<!--R:name-->` that names it, and the value at each marker is the printed one;
 * the committed .ipynb files are the jupytext .py sources, without outputs;
 * every link in a chapter points at a file that exists, and a link to a Python file
   named after a symbol (`` [`MultiHeadAttention`](../minibert/model.py) ``) names a
@@ -72,8 +73,14 @@ def test_chapter_quotes_the_notebook_numbers(executed):
     stem, nb, _ = executed
     found = run_all.results(run_all.stdout_text(nb))
     assert len(found) >= 5, f"{stem} printed only {len(found)} RESULT lines"
-    missing = run_all.missing_from_chapter(stem, found)
-    assert not missing, f"chapters/{stem}.md does not quote:\n" + "\n".join(missing)
+    problems = run_all.chapter_problems(stem, found)
+    assert not problems, f"chapters/{stem}.md:\n" + "\n".join(problems)
+    # and the check can fail on this very chapter: a 9 written in front of the first marked value
+    text = run_all.chapter_path(stem).read_text(encoding="utf-8")
+    name = next(n for n, _, _ in run_all.markers(text) if n in found)
+    wrong = text.replace(f"<!--R:{name}-->", f"<!--R:{name}-->9", 1)
+    caught = [p for p in run_all.quote_problems(wrong, found) if f"R:{name}" in p]
+    assert caught, f"{stem}: a wrong quote of {name} passed the check"
 
 
 def test_notebooks_draw_plots(executed):
@@ -86,18 +93,30 @@ def test_notebooks_draw_plots(executed):
 # the result-matching mechanism itself
 
 
-def test_results_parser_and_quote_matching():
+def test_results_parser():
     text = "x\nRESULT acc = 91.3%\nRESULT cm = [[1, 2], [3, 4]]\nRESULT ok = True\n"
     assert run_all.results(text) == {"acc": "91.3%", "cm": "[[1, 2], [3, 4]]", "ok": "True"}
-    assert run_all.quoted("91.3%", "reaches 91.3% on test")
-    assert not run_all.quoted("91.3%", "reaches 191.3% on test")
-    assert not run_all.quoted("0.87", "a loss of 0.875")
-    assert not run_all.quoted("0.87", "a loss of 10.87")
-    assert run_all.quoted("0.87", "a loss of 0.87.")
     with pytest.raises(ValueError):
         run_all.results("RESULT a = 1\nRESULT a = 2\n")
     with pytest.raises(ValueError):
         run_all.results("RESULT a b = 1\n")  # a name with a space would otherwise be skipped silently
+
+
+def test_a_quote_is_checked_at_its_marker_not_anywhere_in_the_chapter():
+    found = {"acc": "91.3%", "loss": "0.87", "ok": "True", "cm": "[[1, 2], [3, 4]]"}
+    good = ("reaches <!--R:acc-->91.3% on test, a loss of <!--R:loss-->0.87.\n"
+            "`<!--R:ok-->ok = True`, and <!--R:cm-->`[[1, 2], [3, 4]]`; <!--R:real_sst2-->88%")
+    assert run_all.quote_problems(good, found) == []
+    # a deliberately wrong quote fails, although the right value appears elsewhere in the text
+    wrong = good.replace("<!--R:acc-->91.3%", "<!--R:acc-->91.4%") + " (91.3% before)"
+    problems = run_all.quote_problems(wrong, found)
+    assert len(problems) == 1 and "<!--R:acc--> is followed by '91.4%" in problems[0], problems
+    # a longer number that starts with the value is not the value
+    for bad in ("<!--R:loss-->0.875", "<!--R:loss-->0.87.5", "<!--R:loss-->10.87"):
+        assert run_all.quote_problems(good.replace("<!--R:loss-->0.87", bad), found), bad
+    # a result nobody marks, and a marker naming no result, both fail
+    assert "quoted nowhere" in run_all.quote_problems(good, {**found, "f1": "0.5"})[0]
+    assert "names no result" in run_all.quote_problems(good + " <!--R:gone-->1", found)[0]
 
 
 # ----------------------------------------------------------------------------
@@ -213,6 +232,17 @@ def test_every_display_formula_is_followed_by_its_code(md):
         if "](../minibert/" not in paragraph:
             unlinked.append(m["body"].strip().splitlines()[0][:60])
     assert not unlinked, f"{md.name}: formulas without a code link right after them: {unlinked}"
+
+
+@pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
+def test_every_exercise_has_a_collapsed_answer(md):
+    text = md.read_text(encoding="utf-8")
+    section = text.split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    items = re.split(r"^\d+\. ", section, flags=re.M)[1:]  # one chunk per numbered exercise
+    assert items, f"{md.name}: no numbered exercises"
+    unanswered = [i + 1 for i, item in enumerate(items)
+                  if not re.search(r"<details><summary>Answer</summary>.+?</details>", item, re.S)]
+    assert not unanswered, f"{md.name}: exercises without a <details> answer: {unanswered}"
 
 
 @pytest.mark.parametrize("md", CHAPTERS, ids=lambda p: p.stem)
