@@ -114,6 +114,9 @@ def atomic_torch_save(obj, path: PathLike) -> None:
 def resolve_model_dir(path: PathLike) -> Path:
     """A model folder as is; a run folder (pretrain's or finetune's output) -> its `model/`."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: not a folder (no such path); expected a model folder (config.json + "
+                              "model.safetensors) or a run folder")
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a folder; expected a model folder (config.json + model.safetensors) "
                               "or a run folder")
@@ -139,7 +142,9 @@ def replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot write {folder}: it is a file, not a folder")
-    tmp, old = temp_path(folder), temp_path(folder)
+    # the previous folder is set aside under a name of its own, so that after a kill between the two
+    # renames below the next job (toolkit.prepare_output) knows which leftover to put back
+    tmp, old = temp_path(folder), folder.parent / f".{folder.name}.tmp-old-{uuid.uuid4().hex[:12]}"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp, 0o777)  # the user's umask applies
@@ -270,6 +275,8 @@ _CHOICES = {  # minibert's own fields, under "minibert": allowed values
     "position_embedding": ("learned", "sinusoidal"),
     "norm_position": ("post", "pre"),
 }
+# Per-layer sizes of a pruned model (minibert/prune.py), under "minibert": field -> the largest count
+_PER_LAYER = {"heads_per_layer": 65_536, "intermediate_per_layer": 262_144}
 _HOW_TO_RUN = ("attn_impl", "fused_kernels")  # older files name them; the loader chooses them now
 
 
@@ -301,6 +308,9 @@ def config_to_hf(cfg) -> dict:
             "norm_position": cfg.norm_position,
         },
     }
+    for name in _PER_LAYER:  # only a pruned model has them, so other configs are unchanged
+        if getattr(cfg, name) is not None:
+            d["minibert"][name] = list(getattr(cfg, name))
     if cfg.id2label:
         d["id2label"] = {str(i): lab for i, lab in cfg.id2label.items()}
         d["label2id"] = {lab: i for i, lab in cfg.id2label.items()}
@@ -354,8 +364,15 @@ def config_from_hf(d: object, path: PathLike) -> dict:
     for name, v in own.items():
         if name in _HOW_TO_RUN:
             continue
+        if name in _PER_LAYER:
+            ok = isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
+            if not ok or not all(0 <= n <= _PER_LAYER[name] for n in v):
+                raise bad(f"minibert.{name}", f"= {v!r} must be a list of counts in [0, {_PER_LAYER[name]:,}], "
+                          "one per layer")
+            kw[name] = v
+            continue
         if name not in _CHOICES:
-            raise bad(f"minibert.{name}", "is not a minibert field; known: " + ", ".join(_CHOICES))
+            raise bad(f"minibert.{name}", "is not a minibert field; known: " + ", ".join([*_CHOICES, *_PER_LAYER]))
         if v not in _CHOICES[name]:
             raise bad(f"minibert.{name}", f"= {v!r}; allowed: " + ", ".join(_CHOICES[name]))
         kw[name] = v

@@ -16,6 +16,9 @@ fields, flagged where they are implemented and pinned by tests:
                                       dropout -- a deviation while training, none at eval)
     fused_kernels=True               (same math: fused add+LayerNorm and bias+GELU, the MLM
                                       decoder + loss in chunks, no logits kept)
+    heads_per_layer, intermediate_per_layer
+                                     (structured pruning, minibert/prune.py: each layer keeps its
+                                      own number of heads and feed-forward neurons)
 With the defaults the module computes exactly what Google's / Hugging Face's BERT
 computes, to float precision (tests/test_parity.py).
 
@@ -66,6 +69,12 @@ class BertConfig:
     classifier_dropout: Optional[float] = None  # None -> use `dropout`
     # label names for classification heads, saved in config.json like Hugging Face does
     id2label: dict = field(default_factory=dict)
+    # DEVIATION (structured pruning, minibert/prune.py): per-layer sizes, num_layers counts each.
+    # None = every layer has num_heads heads and intermediate_size neurons, as in BERT. The head
+    # size stays hidden_size // num_heads; a layer may keep 0 heads or 0 neurons (then that
+    # sublayer outputs its output projection's bias alone).
+    heads_per_layer: Optional[list[int]] = None
+    intermediate_per_layer: Optional[list[int]] = None
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads != 0:
@@ -80,6 +89,24 @@ class BertConfig:
             raise ValueError("the sinusoidal encoding needs an even hidden_size")
         # JSON turns int keys into strings; keep them ints here
         self.id2label = {int(k): v for k, v in self.id2label.items()}
+        for name, high in (("heads_per_layer", self.num_heads), ("intermediate_per_layer", None)):
+            sizes = getattr(self, name)
+            if sizes is None:
+                continue
+            sizes = list(sizes)
+            if len(sizes) != self.num_layers or not all(isinstance(n, int) and n >= 0 for n in sizes):
+                raise ValueError(f"{name} must list {self.num_layers} counts >= 0 (one per layer), got {sizes}")
+            if high is not None and max(sizes) > high:
+                raise ValueError(f"{name} = {sizes}: a layer cannot have more than num_heads = {high} heads")
+            setattr(self, name, sizes)
+
+    def layer_heads(self, i: int) -> int:
+        """Attention heads of layer i (num_heads unless pruned)."""
+        return self.num_heads if self.heads_per_layer is None else self.heads_per_layer[i]
+
+    def layer_intermediate(self, i: int) -> int:
+        """Feed-forward neurons of layer i (intermediate_size unless pruned)."""
+        return self.intermediate_size if self.intermediate_per_layer is None else self.intermediate_per_layer[i]
 
     @property
     def head_size(self) -> int:
@@ -211,20 +238,24 @@ def build_attention_mask(
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_nh) W_o,  head_i = softmax(Q_i K_i^T / sqrt(hs)) V_i."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, layer: int = 0):
         super().__init__()
         H = cfg.hidden_size
-        self.nh, self.hs = cfg.num_heads, cfg.head_size
-        self.q = nn.Linear(H, H)
-        self.k = nn.Linear(H, H)
-        self.v = nn.Linear(H, H)
-        self.o = nn.Linear(H, H)
+        self.nh, self.hs = cfg.layer_heads(layer), cfg.head_size  # nh * hs = H unless heads were pruned
+        A = self.nh * self.hs
+        self.q = nn.Linear(H, A)
+        self.k = nn.Linear(H, A)
+        self.v = nn.Linear(H, A)
+        self.o = nn.Linear(A, H)
         self.attention_dropout = cfg.attention_dropout
         self.attn_impl = cfg.attn_impl  # how to run; switched by set_backend
 
     def forward(self, x: Tensor, mask: AttentionMask, need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         B, T, H = x.shape
-        # 1) project, then split H into nh heads of size hs
+        if self.nh == 0:  # every head pruned: what is left is the output projection's bias
+            weights = x.new_zeros(B, 0, T, T) if need_weights else None
+            return self.o(x.new_zeros(B, T, 0)), weights
+        # 1) project, then split H into nh heads of size hs (nh * hs = H unless heads were pruned)
         q = self.q(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -245,7 +276,7 @@ class MultiHeadAttention(nn.Module):
             m = mask.bias if backend.mask_from_ids is None else mask.prepared
             y = backend.attend(q, k, v, m, p_drop, 1.0 / math.sqrt(self.hs))  # (B, nh, T, hs)
         # 5) merge the heads back and mix them with the output projection
-        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hs)  # (B, T, nh * hs)
         return self.o(y), weights
 
 
@@ -263,14 +294,15 @@ def gelu(x: Tensor) -> Tensor:
 class FeedForward(nn.Module):
     """FFN(x) = W_2 GELU(W_1 x + b_1) + b_2, applied to every position independently."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, layer: int = 0):
         super().__init__()
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        I = cfg.layer_intermediate(layer)  # noqa: E741
+        self.up = nn.Linear(cfg.hidden_size, I)
+        self.down = nn.Linear(I, cfg.hidden_size)
         self.fused_kernels = cfg.fused_kernels  # how to run; switched by set_backend
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused_kernels:
+        if self.fused_kernels and self.up.out_features > 0:  # a layer pruned to 0 neurons has nothing to fuse
             # the same function: a bias-free matmul, then bias + GELU in one pass over (B, T, I)
             from .kernels import bias_gelu
 
@@ -286,11 +318,11 @@ class EncoderLayer(nn.Module):
     deep stacks stably without warmup; post-LN is what every released BERT uses.
     """
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, layer: int = 0):
         super().__init__()
-        self.attn = MultiHeadAttention(cfg)
+        self.attn = MultiHeadAttention(cfg, layer)
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn = FeedForward(cfg)
+        self.ffn = FeedForward(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.pre_ln = cfg.norm_position == "pre"
@@ -319,7 +351,7 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, i) for i in range(cfg.num_layers))
         # DEVIATION (pre-LN only): the residual stream is never normalised inside the blocks,
         # so a final LayerNorm brings the output back to BERT's scale for the heads.
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None
