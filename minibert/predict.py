@@ -13,7 +13,6 @@ prompt.json was trained with `--strategy prompt` and is read through its masked-
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from .model import BertForMaskedLM, BertForSequenceClassification
 from .strategies import PackedInputs, PlainInputs, Prompt  # noqa: F401 (PackedInputs: predict's inputs, re-exported)
 from .tabular import LabelMap, read_labeled
 from .tokenizer import Tokenizer
-from .toolkit import USER_ERRORS, UserError, pick_device
+from .toolkit import USER_ERRORS, OneLineParser, UserError, pick_device
 
 
 def to_device(batch, device: torch.device):
@@ -117,7 +116,7 @@ def format_prediction(text: str, p: Prediction) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     prog = "python -m minibert.predict"
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("texts", nargs="*", help="texts to label")
     ap.add_argument("--model", required=True, help="the run folder minibert.finetune wrote, or its model/ folder")
     ap.add_argument("--file", help="label every row of this TSV/CSV/JSONL file instead (columns as in "
@@ -130,6 +129,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not args.texts and not args.file:
         ap.error("give texts to label, or --file")
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be positive, got {args.batch_size}")
+    empty = [i for i, t in enumerate(args.texts, 1) if not t.strip()]
+    if empty:  # training refuses empty rows too: a label for no text means nothing
+        ap.error(f"text {empty[0]} of the command line is empty; give the text to label")
     try:
         clf = Classifier(args.model, device=args.device, batch_size=args.batch_size)
         pairs = None

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from . import pretraining_data as pd
-from .checkpoint import MODEL_FILES, atomic_write_text, resolve_model_dir
+from .checkpoint import MODEL_FILES, CheckpointError, atomic_write_text, resolve_model_dir
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
 from .optim import build_optimizer, warmup_linear, warmup_linear_by_time
 from .tokenizer import Tokenizer
@@ -166,6 +166,9 @@ class PretrainConfig(RunOptions):
             (self.time_budget is None or self.time_budget > 0,
              f"--time-budget must be positive, got {self.time_budget}"),
             (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (math.isfinite(self.lr) and self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
+            (min(self.warmup, self.weight_decay, self.clip) >= 0, "--warmup, --weight-decay and --clip must be >= 0"),
+            (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (not (self.init and self.tokenizer), "--init brings its own tokenizer: drop --tokenizer"),
         ]
         for ok, msg in checks:
@@ -375,6 +378,11 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> BertForPreTraining:
 def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
     out = Path(cfg.out)
     files = pd.resolve_paths(cfg.corpus or [DEFAULT_CORPUS])
+    if cfg.init:  # a mistyped --init fails here, naming the flag, before any data preparation
+        try:
+            resolve_model_dir(cfg.init)
+        except CheckpointError as e:
+            raise UserError(f"--init {e}") from None
     # before any data preparation: never a finished run replaced unasked, never a write into an input
     prepare_output(out, overwrite=cfg.overwrite, resume=cfg.resume,
                    inputs={"--init": cfg.init, "--tokenizer": cfg.tokenizer, "--corpus file": files})

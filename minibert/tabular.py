@@ -534,6 +534,17 @@ class LabelMap:
             kinds.append(kind)
         present = set(kinds)
 
+        if regression is None and "str" in present and present & {"int", "float"}:
+            # numbers and words in one label column: most often one typo ('pos' among 0/1, 'n/a' among scores),
+            # which would otherwise silently add a class (or turn a regression into a many-class classifier)
+            words = [i for i, k in enumerate(kinds) if k == "str"]
+            odd = words if len(words) <= len(values) - len(words) else [i for i, k in enumerate(kinds) if k != "str"]
+            i = odd[0]
+            problem = (f"label {values[i]!r} is {'a word' if kinds[i] == 'str' else 'a number'} but "
+                       f"{len(values) - len(odd)} other labels are {'numbers' if kinds[i] == 'str' else 'words'} "
+                       f"({len(odd)} such row(s)); fix the row, or pass --task classification to take every label "
+                       f"as a class name")
+            raise DataError(*_where(path, line_numbers, i), problem)
         if regression is None:
             regression = "float" in present and present <= {"int", "float"}
         if regression:

@@ -113,7 +113,9 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 1 like every other user error."""
+
     def error(self, message: str) -> typing.NoReturn:
         # argparse prints the usage block and exits 2; a user error here is one line and exit 1
         self.exit(1, f"{self.prog}: error: {message} (see --help)\n")
@@ -123,7 +125,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     """An argparse parser with one flag per field of the dataclass `cls`: the job's own fields
     first, then RunOptions' under their own heading. bool fields become switches (--x, or
     --x/--no-x when the default is True); list fields take one or more values."""
-    p = _Parser(prog=prog, description=description)
+    p = OneLineParser(prog=prog, description=description)
     shared = p.add_argument_group("run options (the same in every minibert job)")
     run_names = {f.name for f in dataclasses.fields(RunOptions)}
     hints = typing.get_type_hints(cls)
@@ -427,12 +429,14 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
                    inputs: Union[Iterable[Optional[PathLike]], Mapping[str, Any]] = ()) -> Path:
     """The output-folder policy, applied before any data preparation; returns the folder.
 
-    - a folder holding a model or a run is reused only with --overwrite or --resume;
+    - a folder holding a model or a run is reused only with --overwrite or --resume, and --resume
+      needs the training state (train_state.pt) a run saves;
     - `out` may not be, contain or lie inside any of `inputs` (a job never writes into what it
       reads, e.g. its --init); `inputs` is a list of paths, or {flag: path or list of paths} so that
       the message names the flag;
     - the folder must be writable (`cannot write PATH: reason`);
-    - `.*.tmp-*` leftovers of a killed run (atomic writes that never finished) are removed.
+    - `.*.tmp-*` leftovers of a killed run (atomic writes that never finished) are removed, after a
+      model folder a kill left set aside (`.model.tmp-old-*`, see checkpoint.replace_folder) is put back.
     """
     out = Path(out)
     if overwrite and resume:
@@ -453,6 +457,9 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     held = [n for n in _MODEL_OR_RUN if (out / n).exists()]
+    if resume and not (out / "train_state.pt").is_file():  # before any data preparation, not after it
+        what = "a model or run but no training state (train_state.pt)" if held else "no run (no train_state.pt)"
+        raise UserError(f"--resume: {out} holds {what} to continue; start without --resume")
     if held and not (overwrite or resume):
         raise UserError(f"--out {out} already holds a model or run ({', '.join(held)}); "
                         f"use --resume to continue it, --overwrite to replace it, or choose another --out")
@@ -463,6 +470,13 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e} (choose a writable --out)") from None
+    # A kill between save_pretrained's two renames leaves model/ (or best/) absent and the previous folder
+    # set aside as .model.tmp-old-*: put it back, or the cleanup below would delete the last checkpoint.
+    for aside in sorted(out.glob(".*.tmp-old-*")):
+        target = out / aside.name[1:].split(".tmp-old-")[0]
+        if aside.is_dir() and not target.exists():
+            with contextlib.suppress(FileNotFoundError):  # another process of a distributed run was first
+                os.rename(aside, target)
     # temp files live beside their target: the run folder and its model folders (model/, best/). Every
     # process of a distributed run gets here, so a file another one removed first is no error.
     for folder in [out, *(d for d in out.iterdir() if d.is_dir() and not d.name.startswith("."))]:

@@ -158,7 +158,7 @@ def test_wrong_config_shape_is_reported_not_a_torch_traceback(tmp_path, tiny_con
 
 
 def test_missing_and_bad_files(tmp_path):
-    with pytest.raises(CheckpointError, match="not a folder"):
+    with pytest.raises(CheckpointError, match=r"nope: not a folder \(no such path\)"):
         BertModel.from_pretrained(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.json here or in"):
         BertModel.from_pretrained(tmp_path)
@@ -229,8 +229,11 @@ def test_a_run_folder_resolves_to_its_model_and_anything_else_is_one_clear_error
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"empty: no config.json here or in .*empty/model; expected a model folder or a run"):
         resolve_model_dir(tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="nope: not a folder"):
+    with pytest.raises(CheckpointError, match=r"nope: not a folder \(no such path\)"):
         resolve_model_dir(tmp_path / "nope")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(CheckpointError, match="a_file: not a folder"):
+        resolve_model_dir(tmp_path / "a_file")
 
 
 def test_save_replaces_the_model_files_as_a_whole_and_keeps_a_runs_other_files(tmp_path, tiny_config):

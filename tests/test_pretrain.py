@@ -338,7 +338,7 @@ def test_unreadable_tokenizer_is_named(setup, capsys, tmp_path):
 
 def test_resume_refuses_other_settings_and_missing_state(setup, reference, capsys, tmp_path):
     assert pretrain.main(setup["args"] + ["--out", str(tmp_path), "--resume"]) == 1
-    assert "train_state.pt not found" in capsys.readouterr().err
+    assert "holds no run (no train_state.pt) to continue; start without --resume" in capsys.readouterr().err
     args = setup["args"] + ["--out", str(reference), "--resume", "--lr", "1e-4"]
     assert pretrain.main(args) == 1
     assert "--lr: saved 0.002, now 0.0001" in capsys.readouterr().err

@@ -51,7 +51,11 @@ def test_prepare_output_refuses_a_folder_holding_a_model_or_run_without_overwrit
         T.prepare_output(out, overwrite=False, resume=False)
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing touched
     assert T.prepare_output(out, overwrite=True, resume=False) == out
-    assert T.prepare_output(out, overwrite=False, resume=True) == out
+    if content == "run folder":
+        assert T.prepare_output(out, overwrite=False, resume=True) == out
+    else:  # nothing to resume: refused before any data preparation, not after it
+        with pytest.raises(T.UserError, match=r"--resume: .* no training state \(train_state.pt\)"):
+            T.prepare_output(out, overwrite=False, resume=True)
 
 
 def test_prepare_output_refuses_overwrite_together_with_resume(tmp_path):
