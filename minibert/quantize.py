@@ -1,0 +1,56 @@
+"""int8 inference in PyTorch: torchao's dynamic quantization of an eager minibert model.
+
+    from minibert import BertModel
+    from minibert.quantize import quantize_int8
+    model = quantize_int8(BertModel.from_pretrained("runs/sst2/model").eval())
+    h = model(input_ids, token_type_ids, attention_mask)  # as before, int8 matmuls inside
+
+Dynamic quantization (torchao's Int8DynamicActivationInt8WeightConfig), for each nn.Linear of
+the encoder layers (Q, K, V, output projection, feed-forward up and down):
+    weights      int8, symmetric, one scale per output channel: s_j = max_i |W_ji| / 127
+    activations  int8, symmetric, one scale per token, taken from that token's own range at run
+                 time (no calibration data): s_t = max_i |x_ti| / 127
+    y = (x_q @ W_q^T) * s_t * s_j + b    -- the matmul in integers, rescaled to fp32
+The pooler and the heads stay fp32: they run once per sequence, not per token. Attention's
+activation-by-activation products (scores, mixing) stay fp32 too. The weights are replaced in
+place by torchao tensor subclasses, so the model is for inference: no training, no
+save_pretrained (quantize again after loading). Needs `pip install -e ".[deploy]"`.
+
+Speed on the CPU depends on int8 dot-product instructions (VNNI, AMX). Eager, each int8
+matmul goes to torch._int_mm, whose CPU kernel without them is a slow generic loop, far slower
+than the fp32 matmul it replaces; torch.compile(model, options={"freezing": True}) under
+torch.inference_mode() helps a single layer but not yet the whole encoder there. This path is
+for accuracy and for CPUs with those instructions; on others use the ONNX Runtime int8 graph.
+benchmarks/deploy_results.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from .toolkit import UserError
+
+
+def _encoder_linear(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear) and ".layers." in f".{name}"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Quantize the encoder layers' linear layers of a minibert model in place; returns the model."""
+    # on import torchao logs a line per optional GPU kernel library it cannot load (none is used
+    # here) and torch's pytree a deprecation note on one of torchao's types
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError as e:
+        raise UserError(f"int8 quantization in PyTorch needs torchao ({e}): pip install -e \".[deploy]\"") from None
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=_encoder_linear)
+    return model
