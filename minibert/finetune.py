@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -467,12 +467,40 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     return results
 
 
-def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device, log) -> dict:
-    """AdamW + warmup/decay, clipping, optional FGM, dev selection (the kept model is the one on
-    disk), early stopping, and a train state at every evaluation for --resume.
-    Returns metrics.json's dev/train part; a Ctrl-C saves the state, then raises KeyboardInterrupt."""
-    train, dev, label_map = data.train, data.dev, data.label_map
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+@dataclass
+class Trainer:
+    """Everything a fine-tuning run carries from step to step; save_state writes it to train_state.pt."""
+    cfg: FinetuneConfig
+    learner: Strategy
+    data: Data
+    out: Path
+    device: torch.device
+    log: Callable[[str], None]
+    steps_per_epoch: int
+    total: int  # optimiser steps in the whole schedule
+    modules: list  # the learner's modules (FGM also reads frozen weights in them)
+    params: list  # the parameters that learn, which optimizer_step clips
+    opt: Optional[torch.optim.Optimizer]  # None when nothing learns (--epochs 0, e.g. zero-shot prompts)
+    sched: Optional[torch.optim.lr_scheduler.LRScheduler]
+    scaler: torch.amp.GradScaler
+    fgm: Optional[FGM]
+    metric: str  # the dev metric that selects the kept model
+    keep: KeepBest
+    best: dict  # {"dev": metrics of the kept model, "step": its step}
+    g: torch.Generator  # batch order
+    now: dict  # what --resume must find unchanged: the fixed options and the data itself
+    step: int = 0
+    examples: int = 0
+    seconds: float = 0.0
+    window: Optional[dict] = None  # loss, steps, examples, seconds since the last log line
+    log_file: Optional[MetricsLog] = None
+
+
+def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device,
+                   log) -> Trainer:
+    """Optimiser, schedule, FGM and dev metric, checked; seeds; on --resume the saved train state restored.
+    Then run_config.json marks the folder as holding a run."""
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     total = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -489,122 +517,152 @@ def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, de
         emb = learner.embeddings()
         emb.weight.requires_grad_(True)  # FGM needs its gradient even when frozen (it is not in the optimiser then)
         fgm = FGM(emb, cfg.fgm_epsilon)
-    metric = cfg.metric if cfg.metric != "auto" else ("pearson" if label_map.is_regression else "accuracy")
-    metrics = REGRESSION_METRICS if label_map.is_regression else CLASSIFICATION_METRICS
+    regression = data.label_map.is_regression
+    metric = cfg.metric if cfg.metric != "auto" else ("pearson" if regression else "accuracy")
+    metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
     if metric not in metrics:
-        task = "regression" if label_map.is_regression else "classification"
+        task = "regression" if regression else "classification"
         raise UserError(f"--metric {metric}: {task} is scored by {', '.join(metrics)}")
     keep = KeepBest("min" if metric in LOWER_IS_BETTER else "max")
-    best = {"dev": {}, "step": 0}
     g = torch.Generator().manual_seed(cfg.seed)  # batch order
     seed_everything(cfg.seed)  # dropout
-    step, examples, seconds = 0, 0, 0.0
-    # what --resume must find unchanged: the fixed options and the data itself
     now = {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("fixed")},
            "train_sha256": file_digest(cfg.train), "dev_sha256": file_digest(cfg.dev), "total_steps": total}
-    if cfg.resume:
-        state = load_train_state(out / "train_state.pt")
-        shown = {"train_sha256": "content of --train", "dev_sha256": "content of --dev",
-                 "total_steps": "schedule length in steps"}
-        check_resume(state["now"], now, {k: shown.get(k, "--" + k.replace("_", "-")) for k in now})
-        learner.load_state_dict(state["learner"])
-        if opt is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        keep.load_state_dict(state["keep"])
-        best, step, examples, seconds = state["best"], state["step"], state["examples"], state["seconds"]
-        g.set_state(state["epoch_rng"])
-        set_rng_state(state["rng"])
-        log(f"resumed from {out / 'train_state.pt'} at step {step} of {total}")
+    t = Trainer(cfg, learner, data, out, device, log, steps_per_epoch, total, modules, params, opt, sched, scaler,
+                fgm, metric, keep, {"dev": {}, "step": 0}, g, now)
+    state = restore(t) if cfg.resume else None
     # everything is checked: from here on the folder holds a run (the next job needs --resume or --overwrite)
     atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-    log_file = MetricsLog(out / "metrics.jsonl", resume_step=step if cfg.resume else None)
+    t.log_file = MetricsLog(out / "metrics.jsonl", resume_step=t.step if cfg.resume else None)
+    t.window = {"loss": torch.zeros((), device=device), "steps": 0, "examples": 0, "seconds": 0.0}
+    if state is not None:  # the log line's running mean, so a resumed run logs what the uninterrupted one did
+        t.window.update(loss=torch.tensor(state["window"]["loss"], device=device), steps=state["window"]["steps"])
+    return t
 
-    def evaluate_and_keep() -> bool:
-        """Score dev and keep the model if it is the best so far (the latest without --dev).
-        True = stop early."""
-        if dev is None:
-            learner.save(out)
-            best.update(step=step)
-            return False
+
+def restore(t: Trainer) -> dict:
+    """--resume: refuse if a fixed option or the data changed, then load every saved piece. Returns the state."""
+    state = load_train_state(t.out / "train_state.pt")
+    shown = {"train_sha256": "content of --train", "dev_sha256": "content of --dev",
+             "total_steps": "schedule length in steps"}
+    check_resume(state["now"], t.now, {k: shown.get(k, "--" + k.replace("_", "-")) for k in t.now})
+    t.learner.load_state_dict(state["learner"])
+    if t.opt is not None:
+        t.opt.load_state_dict(state["optimizer"])
+        t.sched.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    t.keep.load_state_dict(state["keep"])
+    t.best, t.step, t.examples, t.seconds = state["best"], state["step"], state["examples"], state["seconds"]
+    t.g.set_state(state["epoch_rng"])
+    set_rng_state(state["rng"])
+    t.log(f"resumed from {t.out / 'train_state.pt'} at step {t.step} of {t.total}")
+    return state
+
+
+def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
+    """One optimiser step on training rows idx: forward under autocast, backward, FGM's second pass, the update.
+    Returns the gradient norm and the strategy's loss parts; a non-finite loss stops the run (UserError)."""
+    cfg, learner, device, train = t.cfg, t.learner, t.device, t.data.train
+    t0 = time.perf_counter()
+    batch = to_device(learner.inputs.collate([train.items[i] for i in idx]), device)
+    y = train.y[idx].to(device)
+    with autocast(cfg.precision, device):
+        loss, parts = learner.loss(batch, y)
+    t.scaler.scale(loss).backward()
+    if t.fgm is not None and t.fgm.attack():  # second pass with the word embeddings pushed uphill
         with autocast(cfg.precision, device):
-            scores = score_items(learner.model, learner.inputs, dev.items, cfg.eval_batch_size, device)
-        d = evaluate(scores, dev.y, label_map)
-        log_file.write({"kind": "eval", "step": step, **{f"dev_{k}": v for k, v in d.items() if isinstance(v, float)}})
-        log(f"eval step {step}: dev " + " ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float)))
-        if keep.update(d[metric], step):
-            learner.save(out)
-            best.update(dev=d, step=step)
-        return cfg.patience > 0 and keep.since >= cfg.patience
+            adv_loss, _ = learner.loss(batch, y)
+        t.scaler.scale(adv_loss).backward()
+        t.fgm.restore()
+    norm = optimizer_step(t.opt, t.sched, t.scaler, t.params, cfg.clip)
+    if not math.isfinite(loss.item()):  # no extra wait: optimizer_step has just synced for the norm
+        kept = f"the model of step {t.best['step']} in {t.out / 'model'} is kept" if t.best["step"] or \
+            (t.out / "model").exists() else "no model was saved"
+        raise UserError(f"step {t.step + 1}: the loss is {loss.item()} (not finite); stopped, {kept}; "
+                        f"lower --lr, or check the data for extreme values")
+    for m in t.modules:  # also frozen weights FGM reads, which the optimizer does not hold
+        m.zero_grad(set_to_none=True)
+    t.step += 1
+    t.examples += len(idx)
+    dt = time.perf_counter() - t0
+    t.seconds += dt
+    t.window["loss"] += loss.detach()  # summed on the device: no sync until we log
+    t.window["steps"] += 1
+    t.window["examples"] += len(idx)
+    t.window["seconds"] += dt
+    return norm, parts
 
-    def save_state(epoch_rng: Tensor) -> None:
-        save_train_state(out / "train_state.pt", {
-            "now": now, "learner": learner.state_dict(), "optimizer": opt.state_dict() if opt else None,
-            "scheduler": sched.state_dict() if sched else None, "scaler": scaler.state_dict(),
-            "keep": keep.state_dict(), "best": best, "step": step, "examples": examples, "seconds": seconds,
-            "epoch_rng": epoch_rng, "rng": rng_state(),
-            # the log line's running mean, so a resumed run logs what the uninterrupted one did
-            "window": {"loss": window["loss"].item(), "steps": window["steps"]}})
 
-    for m in modules:
+def log_train(t: Trainer, norm: float, parts: dict, bar: tqdm) -> None:
+    """The metrics.jsonl record and the log line: means over the steps since the last one."""
+    w = t.window
+    lv = w["loss"].item() / w["steps"]
+    ms, ex_s = 1e3 * w["seconds"] / w["steps"], w["examples"] / w["seconds"]
+    lr = t.sched.get_last_lr()[0]
+    t.log_file.write({"kind": "train", "step": t.step, "loss": lv, "lr": lr, "norm": norm,
+                      **{k: float(v) for k, v in parts.items()}})
+    bar.write(f"step {t.step}/{t.total} | loss {lv:.4f} | norm {norm:.2f} | lr {lr:.2e} | "
+              f"{ms:.0f} ms/step | {ex_s:.1f} ex/s")
+    w.update(loss=torch.zeros((), device=t.device), steps=0, examples=0, seconds=0.0)
+
+
+def evaluate_and_keep(t: Trainer) -> bool:
+    """Score dev and keep the model if it is the best so far (the latest without --dev). True = stop early."""
+    cfg, dev = t.cfg, t.data.dev
+    if dev is None:
+        t.learner.save(t.out)
+        t.best.update(step=t.step)
+        return False
+    with autocast(cfg.precision, t.device):
+        scores = score_items(t.learner.model, t.learner.inputs, dev.items, cfg.eval_batch_size, t.device)
+    d = evaluate(scores, dev.y, t.data.label_map)
+    t.log_file.write({"kind": "eval", "step": t.step, **{f"dev_{k}": v for k, v in d.items() if isinstance(v, float)}})
+    t.log(f"eval step {t.step}: dev " + " ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float)))
+    if t.keep.update(d[t.metric], t.step):
+        t.learner.save(t.out)
+        t.best.update(dev=d, step=t.step)
+    return cfg.patience > 0 and t.keep.since >= cfg.patience
+
+
+def save_state(t: Trainer, epoch_rng: Tensor) -> None:
+    """train_state.pt for --resume; epoch_rng is the batch-order state the current epoch was drawn from."""
+    save_train_state(t.out / "train_state.pt", {
+        "now": t.now, "learner": t.learner.state_dict(), "optimizer": t.opt.state_dict() if t.opt else None,
+        "scheduler": t.sched.state_dict() if t.sched else None, "scaler": t.scaler.state_dict(),
+        "keep": t.keep.state_dict(), "best": t.best, "step": t.step, "examples": t.examples, "seconds": t.seconds,
+        "epoch_rng": epoch_rng, "rng": rng_state(),
+        # the log line's running mean, so a resumed run logs what the uninterrupted one did
+        "window": {"loss": t.window["loss"].item(), "steps": t.window["steps"]}})
+
+
+def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device, log) -> dict:
+    """AdamW + warmup/decay, clipping, optional FGM, dev selection (the kept model is the one on
+    disk), early stopping, and a train state at every evaluation for --resume.
+    Returns metrics.json's dev/train part; a Ctrl-C saves the state, then raises KeyboardInterrupt."""
+    t = setup_training(cfg, learner, data, out, device, log)
+    for m in t.modules:
         m.train()
-    bar = tqdm(total=total, initial=step, desc="fine-tune", disable=not cfg.progress or total == 0, dynamic_ncols=True)
-    window = {"loss": torch.zeros((), device=device), "steps": 0, "examples": 0, "seconds": 0.0}  # since the last log
-    if cfg.resume:
-        window.update(loss=torch.tensor(state["window"]["loss"], device=device), steps=state["window"]["steps"])
-    stop, stopped = step >= total, False
+    bar = tqdm(total=t.total, initial=t.step, desc="fine-tune", disable=not cfg.progress or t.total == 0,
+               dynamic_ncols=True)
+    stop, stopped = t.step >= t.total, False
     with StopRequest() as ctrl_c:
         while not stop:
-            epoch_rng = g.get_state()  # the epoch's order is drawn from this: a resumed run draws it again
-            done_in_epoch = step % steps_per_epoch
-            for idx in list(random_batches(len(train), cfg.batch_size, g))[done_in_epoch:]:
-                t = time.perf_counter()
-                batch = to_device(learner.inputs.collate([train.items[i] for i in idx]), device)
-                y = train.y[idx].to(device)
-                with autocast(cfg.precision, device):
-                    loss, parts = learner.loss(batch, y)
-                scaler.scale(loss).backward()
-                if fgm is not None and fgm.attack():  # second pass with the word embeddings pushed uphill
-                    with autocast(cfg.precision, device):
-                        adv_loss, _ = learner.loss(batch, y)
-                    scaler.scale(adv_loss).backward()
-                    fgm.restore()
-                norm = optimizer_step(opt, sched, scaler, params, cfg.clip)
-                if not math.isfinite(loss.item()):  # no extra wait: optimizer_step has just synced for the norm
-                    kept = f"the model of step {best['step']} in {out / 'model'} is kept" if best["step"] or \
-                        (out / "model").exists() else "no model was saved"
-                    raise UserError(f"step {step + 1}: the loss is {loss.item()} (not finite); stopped, {kept}; "
-                                    f"lower --lr, or check the data for extreme values")
-                for m in modules:  # also frozen weights FGM reads, which the optimizer does not hold
-                    m.zero_grad(set_to_none=True)
-                step += 1
-                examples += len(idx)
-                dt = time.perf_counter() - t
-                seconds += dt
-                window["loss"] += loss.detach()  # summed on the device: no sync until we log
-                window["steps"] += 1
-                window["examples"] += len(idx)
-                window["seconds"] += dt
-                if step % cfg.log_every == 0 or step == total:
-                    lv = window["loss"].item() / window["steps"]
-                    ms, ex_s = 1e3 * window["seconds"] / window["steps"], window["examples"] / window["seconds"]
-                    lr = sched.get_last_lr()[0]
-                    log_file.write({"kind": "train", "step": step, "loss": lv, "lr": lr, "norm": norm,
-                                    **{k: float(v) for k, v in parts.items()}})
-                    bar.write(f"step {step}/{total} | loss {lv:.4f} | norm {norm:.2f} | lr {lr:.2e} | "
-                              f"{ms:.0f} ms/step | {ex_s:.1f} ex/s")
-                    window.update(loss=torch.zeros((), device=device), steps=0, examples=0, seconds=0.0)
+            epoch_rng = t.g.get_state()  # the epoch's order is drawn from this: a resumed run draws it again
+            done_in_epoch = t.step % t.steps_per_epoch
+            for idx in list(random_batches(len(data.train), cfg.batch_size, t.g))[done_in_epoch:]:
+                norm, parts = train_step(t, idx)
+                if t.step % cfg.log_every == 0 or t.step == t.total:
+                    log_train(t, norm, parts, bar)
                 bar.update(1)
-                at_epoch_end = step % steps_per_epoch == 0
-                if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) \
-                        or step == total:
-                    stop = evaluate_and_keep() or step >= total
-                    for m in modules:
+                at_epoch_end = t.step % t.steps_per_epoch == 0
+                if (cfg.eval_every and t.step % cfg.eval_every == 0) or (not cfg.eval_every and at_epoch_end) \
+                        or t.step == t.total:
+                    stop = evaluate_and_keep(t) or t.step >= t.total
+                    for m in t.modules:
                         m.train()
-                    save_state(g.get_state() if at_epoch_end else epoch_rng)
+                    save_state(t, t.g.get_state() if at_epoch_end else epoch_rng)
                 elif ctrl_c.requested:
-                    save_state(epoch_rng)
+                    save_state(t, epoch_rng)
                 if ctrl_c.requested:
                     stopped = True
                     break
@@ -614,18 +672,26 @@ def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, de
                 break
     bar.close()
     if stopped:  # like pretrain: the state is saved, the command exits 130 (cli_main), a search stops too
-        log(f"stopped at step {step}; state saved in {out} (continue with --resume)")
+        log(f"stopped at step {t.step}; state saved in {out} (continue with --resume)")
         raise KeyboardInterrupt
-    if total == 0:  # zero-shot: evaluate the model as it is
-        evaluate_and_keep()
-    if any(r.get("kind") == "train" for r in log_file.records):  # nothing to plot for a zero-shot run
+    if t.total == 0:  # zero-shot: evaluate the model as it is
+        evaluate_and_keep(t)
+    return summarise(t)
+
+
+def summarise(t: Trainer) -> dict:
+    """The training curve, and metrics.json's dev/train part."""
+    cfg, records = t.cfg, t.log_file.records
+    if any(r.get("kind") == "train" for r in records):  # nothing to plot for a zero-shot run
         panels = {"loss": [("train:loss", "train loss")]}
-        if dev is not None:
-            panels[f"dev {metric}"] = [(f"eval:dev_{metric}", f"dev {metric}")]
-        plot_curves(log_file.records, out / "training_curve.png", panels, title=f"fine-tune ({cfg.strategy})")
-    train_info = {"steps": step, "examples": examples, "seconds": round(seconds, 2), "best_step": best["step"],
-                  "examples_per_second": round(examples / seconds, 2) if seconds else None, "device": str(device)}
-    return {"dev": best["dev"], "train": train_info, "strategy": cfg.strategy, "metric": metric, **learner.notes}
+        if t.data.dev is not None:
+            panels[f"dev {t.metric}"] = [(f"eval:dev_{t.metric}", f"dev {t.metric}")]
+        plot_curves(records, t.out / "training_curve.png", panels, title=f"fine-tune ({cfg.strategy})")
+    train_info = {"steps": t.step, "examples": t.examples, "seconds": round(t.seconds, 2), "best_step": t.best["step"],
+                  "examples_per_second": round(t.examples / t.seconds, 2) if t.seconds else None,
+                  "device": str(t.device)}
+    return {"dev": t.best["dev"], "train": train_info, "strategy": cfg.strategy, "metric": t.metric,
+            **t.learner.notes}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
