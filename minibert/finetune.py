@@ -28,7 +28,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -109,11 +109,13 @@ class FinetuneConfig(RunOptions):
                              choices=("none", "fgm"))
     fgm_epsilon: float = field(1.0, "fgm: norm of the embedding perturbation", fixed=True)
     # -- optimisation
-    epochs: float = field(3.0, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts)", fixed=True)
+    epochs: Optional[float] = field(None, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts; "
+                                    "default: by the model's width, see default_schedule)", fixed=True)
     max_steps: int = field(0, "stop after this many optimiser steps (0 = no limit)", fixed=True)
     batch_size: int = field(32, "training rows per step", fixed=True)
     eval_batch_size: int = field(128, "rows per forward pass when evaluating")
-    lr: float = field(5e-5, "peak learning rate", fixed=True)
+    lr: Optional[float] = field(None, "peak learning rate (default: by the model's width, see default_schedule: "
+                                "1e-3 for hidden <= 128, 3e-4 up to 256, 5e-5 above)", fixed=True)
     weight_decay: float = field(0.01, "AdamW weight decay (not on biases / LayerNorm)", fixed=True)
     adam_eps: float = field(1e-6, "AdamW epsilon", fixed=True)
     warmup: float = field(0.06, "fraction of steps of linear warmup, then linear decay to 0", fixed=True)
@@ -155,13 +157,14 @@ def check_config(cfg: FinetuneConfig) -> None:
     STRATEGIES[cfg.strategy].check_options(cfg, FinetuneConfig())
     if cfg.search != "none" and not cfg.dev:
         raise UserError("--search chooses by the dev metric: give --dev")
-    if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.max_len < 8:
-        raise UserError(f"need --epochs >= 0, --batch-size >= 1, --max-len >= 8; got {cfg.epochs:g}, "
+    epochs = 0.0 if cfg.epochs is None else cfg.epochs  # None: chosen by the model's width once it is built
+    if epochs < 0 or cfg.batch_size < 1 or cfg.max_len < 8:
+        raise UserError(f"need --epochs >= 0, --batch-size >= 1, --max-len >= 8; got {epochs:g}, "
                         f"{cfg.batch_size}, {cfg.max_len}")
     # each value below would otherwise train something else without a word, or fail deep inside torch
     checks = [
-        (math.isfinite(cfg.epochs), f"--epochs must be a finite number, got {cfg.epochs}"),
-        (math.isfinite(cfg.lr) and cfg.lr >= 0, f"--lr must be >= 0, got {cfg.lr}"),
+        (math.isfinite(epochs), f"--epochs must be a finite number, got {cfg.epochs}"),
+        (cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr >= 0), f"--lr must be >= 0, got {cfg.lr}"),
         (0 <= cfg.warmup <= 1, f"--warmup is a fraction of the steps, in [0, 1]; got {cfg.warmup}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (cfg.adam_eps > 0, f"--adam-eps must be positive, got {cfg.adam_eps}"),
@@ -426,6 +429,22 @@ def test_model(out: Path, test: Split, cfg: FinetuneConfig, device: torch.device
 # Training
 
 
+def default_schedule(hidden_size: int) -> tuple[float, float]:
+    """(peak learning rate, epochs) when --lr / --epochs are not given, by the encoder's width.
+
+    A BERT-base-like checkpoint (hidden >= 384) fine-tunes with small steps for a few epochs
+    (Devlin et al.'s 2e-5..5e-5, 2-4 epochs). The small models pretrained here barely move at
+    that rate: they stay at the majority class. They want steps ~20x larger and more passes,
+    with the best model kept by dev score (benchmarks/pretrain_results.md has the runs; the
+    middle tier lies between the two measured ones).
+    """
+    if hidden_size <= 128:
+        return 1e-3, 10.0
+    if hidden_size <= 256:
+        return 3e-4, 10.0
+    return 5e-5, 3.0
+
+
 def run(cfg: FinetuneConfig, log=print) -> dict:
     """Fine-tune once: check everything, build, train with dev selection, save, test. Returns metrics."""
     check_config(cfg)
@@ -436,6 +455,9 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     set_threads(cfg.threads)
     data = read_data(cfg, log)
     learner = build(cfg, data.label_map, data.train, log)
+    lr, epochs = default_schedule(learner.model.config.hidden_size)
+    cfg = replace(cfg, lr=lr if cfg.lr is None else cfg.lr, epochs=epochs if cfg.epochs is None else cfg.epochs)
+    log(f"learning rate {cfg.lr:g}, {cfg.epochs:g} epochs")
     t0 = time.perf_counter()
     for split in (data.train, data.dev, data.test):
         if split is not None:
