@@ -9,8 +9,13 @@ On a machine with a GPU the real kernels run instead.
 
 import os
 
-import pytest
-import torch
+# The suite runs as two workers on two cores (pytest-xdist), each with torch's own thread
+# pool: threads that spin while they wait would burn the other worker's core, so they sleep.
+# Set before torch starts its OpenMP runtime; notebook kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
