@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,12 @@ def messy_files(d: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", list(messy_files(Path("."))))
+def messy_case_names() -> list[str]:
+    with tempfile.TemporaryDirectory() as d:  # the files are written to learn the names: never into the cwd
+        return list(messy_files(Path(d)))
+
+
+@pytest.mark.parametrize("case", messy_case_names())
 def test_a_bad_training_file_stops_the_run_before_anything_is_written(env, capsys, tmp_path, case):
     path, expected = messy_files(tmp_path)[case]
     out = tmp_path / "run"
