@@ -360,14 +360,6 @@ for words in ("0:terrible,1:great", "0:awful,1:excellent"):
     m_v = finetune(f"prompt zero-shot {words}", epochs=0, **{**prompt, "verbalizer": words})
     result("prompt_zero_shot_" + words.replace("0:", "").replace(",1:", "_"), f"{m_v['test']['accuracy']:.1%}")
 
-# %% [markdown]
-# Exercise 5: bidirectional fine-tuning with λ = 1 (the alignment weighs as much as the task).
-# λ = 0 needs no run: $M_{pre}$ then gets no gradient, and $M_{ft}$ is full fine-tuning.
-
-# %%
-m_l = finetune("bidirectional (λ=1)", init=init, strategy="bidirectional", align_weight=1.0, **common)
-result("acc_bidirectional_lambda1", f"{m_l['test']['accuracy']:.1%}")
-result("mpre_mlm_after_lambda1", f"{m_l['bidirectional']['mlm_accuracy_after']:.1%}")
 
 # %%
 shutil.rmtree(WORK, ignore_errors=True)
