@@ -32,3 +32,28 @@ def hf_models(cfg: BertConfig) -> tuple[nn.Module, nn.Module]:
     )
     # no pooler on the encoder: our BertModel.forward does not compute it either
     return transformers.BertForPreTraining(hf_cfg), transformers.BertModel(hf_cfg, add_pooling_layer=False)
+
+
+class HFForward(nn.Module):
+    """transformers' model behind the signature `python -m minibert.bench --deploy` calls every row
+    with: (input_ids, attention_mask, token_type_ids) -> one tensor (logits, or hidden states)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def hf_pretrained(folder: str, task: str) -> nn.Module:
+    """transformers reading a model folder minibert wrote (or any BERT folder): its
+    BertForSequenceClassification for task "classifier", else its BertModel without the pooler."""
+    transformers.logging.set_verbosity_error()  # its table of the weights it leaves out (the pooler)
+    transformers.logging.disable_progress_bar()  # one per folder loaded
+    if task == "classifier":
+        model = transformers.BertForSequenceClassification.from_pretrained(folder, attn_implementation="sdpa")
+    else:
+        model = transformers.BertModel.from_pretrained(folder, attn_implementation="sdpa", add_pooling_layer=False)
+    return HFForward(model.eval()).eval()

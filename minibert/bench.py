@@ -1,6 +1,10 @@
-"""Time a BERT pretraining step and encoder inference, optionally side by side with transformers.
+"""Time a BERT pretraining step and encoder inference, optionally side by side with transformers;
+or, with --deploy, the deployment table: one model folder served on the CPU five ways, and its
+compressed variants.
 
     python -m minibert.bench --preset mini --seq-len 128 --batch-size 16 --compare-hf
+    python -m minibert.bench --deploy --model runs/sst2 --test test.tsv --student runs/sst2-student \
+        --pruned runs/sst2-pruned --threads 2 --steps 5 --latency-steps 20
 
 Like nanoGPT's bench.py, this is the training loop with everything but timing removed:
     train  one step of BertForPreTraining: forward with MLM + NSP labels, backward, AdamW
@@ -36,26 +40,56 @@ Inference is the forward alone: 2 * P + 4 * L * H * T per token.
 MFU = FLOPs per token * tokens/s, divided by two ceilings, both printed: the rate of one large
 matmul in the same dtype timed in the same run (what this machine really delivers now), and
 the datasheet peak where we know it.
+
+--deploy: CPU inference of --model (a classifier folder, or an encoder), each row called with
+the same (input_ids, attention_mask, token_type_ids) batch:
+    transformers fp32         transformers reading the same folder (when it is installed; the
+                              reference, built by benchmarks/hf_reference.py as for --compare-hf)
+    minibert fp32             eager minibert
+    minibert int8 (torchao)   minibert.quantize, compiled with frozen weights (eager, each int8
+                              matmul would run torch._int_mm's CPU kernel; see minibert/quantize.py);
+                              eager with --no-compile-int8
+    ONNX Runtime fp32, int8   minibert.export's graph (--quantize int8 for the second)
+    pruned: / student: NAME   each --pruned / --student folder, as eager minibert fp32, so that its
+                              row reads against minibert fp32's (export it for the ONNX figures)
+Rows whose optional package is missing (onnx, onnxscript, onnxruntime, torchao, transformers) are
+left out with a note. Columns: latency at batch 1 and throughput at --infer-batch-size (32 unless
+given), both at --seq-len, the rows taking turns as above (--latency-steps and --steps rounds);
+the size of what the row loads from disk (the weights file of a folder, the .onnx file, the int8
+state_dict as torch.save writes it); and with --test, accuracy on that labelled file (read as
+minibert.finetune reads --test), computed from each row's own predictions, and how many of them
+agree with minibert fp32's. Speed batches are random ids without padding (dense kernels take as
+long whatever the ids); --test batches are the file's rows sorted by length, padded per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import platform
+import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from . import export
+from .checkpoint import resolve_model_dir
+from .finetune import FinetuneConfig, read_split
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
 from .optim import build_optimizer
+from .strategies import PlainInputs
+from .tabular import LabelMap
+from .tokenizer import Tokenizer
 from .toolkit import UserError, autocast, cli_main, field, pick_device, resolve_precision, set_threads
 
 # bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
@@ -226,16 +260,23 @@ def infer_step(model: nn.Module, batch: dict[str, Tensor], amp: Callable) -> Cal
     return step
 
 
-def load_hf_models() -> Callable[[BertConfig], tuple[nn.Module, nn.Module]]:
-    """--compare-hf: the transformers models are built by benchmarks/hf_reference.py, in the
-    repository but outside the package -- minibert itself never imports transformers."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_reference.py"
-    if not path.exists():
-        raise UserError(f"--compare-hf needs a checkout of the repository ({path} is missing) and transformers")
-    spec = importlib.util.spec_from_file_location("minibert_hf_reference", path)
+HF_REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_reference.py"
+
+
+def hf_reference(flag: str):
+    """benchmarks/hf_reference.py, the module that builds transformers' models: in the repository
+    but outside the package -- minibert itself never imports transformers."""
+    if not HF_REFERENCE.exists():
+        raise UserError(f"{flag} needs a checkout of the repository ({HF_REFERENCE} is missing) and transformers")
+    spec = importlib.util.spec_from_file_location("minibert_hf_reference", HF_REFERENCE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.hf_models
+    return mod
+
+
+def load_hf_models() -> Callable[[BertConfig], tuple[nn.Module, nn.Module]]:
+    """--compare-hf: transformers' BertForPreTraining and BertModel for a minibert config."""
+    return hf_reference("--compare-hf").hf_models
 
 
 # -----------------------------------------------------------------------------
@@ -250,18 +291,31 @@ def measure(
     device: torch.device,
 ) -> tuple[dict[str, list[float]], dict[str, Optional[int]], list[float]]:
     """Warm every step up, measure its memory once, then time them in turns (A, B, probe, A, B, ...)."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
+    warm_up(steps, warmup)
     probe()
     memory = {name: step_memory(fn, device) for name, fn in steps.items()}
+    times = time_in_turns({**steps, PROBE: probe}, n_steps, device)
+    return times, memory, times.pop(PROBE)
+
+
+PROBE = " matmul probe"  # its key among the steps timed in turns
+
+
+def warm_up(steps: dict[str, Callable[[], object]], n: int) -> None:
+    for fn in steps.values():
+        for _ in range(n):
+            fn()
+
+
+def time_in_turns(steps: dict[str, Callable[[], object]], rounds: int, device: torch.device
+                  ) -> dict[str, list[float]]:
+    """Seconds of each call, each round calling every step once in turn (A, B, C, A, B, C, ...),
+    so that a burst of load from elsewhere on the machine hits all of them alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    probe_times = []
-    for _ in range(n_steps):
+    for _ in range(rounds):
         for name, fn in steps.items():
             times[name].append(timed(fn, device))
-        probe_times.append(timed(probe, device))
-    return times, memory, probe_times
+    return times
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -270,17 +324,22 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
     return p10, p50, p90
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_name() -> str:
+    """The CPU's model name, and the SIMD extensions that decide int8 and bf16 speed."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        info = ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    have = [f for f in wanted if f in flags]
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(have) or 'no AVX2'}; {os.cpu_count()} cores)"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 @dataclass
@@ -288,7 +347,8 @@ class BenchConfig:
     preset: str = field("mini", "model size", choices=list(PRESETS))
     seq_len: int = field(128, "tokens per row")
     batch_size: int = field(16, "rows per training step")
-    infer_batch_size: Optional[int] = field(None, "rows per inference call (default: --batch-size)")
+    infer_batch_size: Optional[int] = field(None, "rows per inference call (default: --batch-size; 32 with "
+                                           "--deploy)")
     device: str = field("auto", "auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     precision: str = field("auto", "arithmetic of the timed steps and of the matmul probe: fp32, bf16 or fp16 autocast "
                            "(no loss scaler: only the time counts). auto: bf16 on CUDA, fp32 on the CPU and MPS",
@@ -304,12 +364,33 @@ class BenchConfig:
     compare_hf: bool = field(False, "time transformers' BERT in the same run, in turns")
     seed: int = field(0, "seed for the weights and the batch")
     json: bool = field(False, "print one JSON object instead of the markdown table")
+    deploy: bool = field(False, "the deployment table instead: CPU inference of --model as transformers fp32, "
+                         "minibert fp32, minibert int8 (torchao), ONNX Runtime fp32 and int8, and of each --pruned "
+                         "and --student folder; latency, throughput, size on disk, --test accuracy")
+    model: Optional[str] = field(None, "--deploy: the model folder, or a finetune run folder (a classifier, for "
+                                 "--test accuracy; an encoder otherwise)")
+    student: list[str] = field([], "--deploy: distilled students (model or run folders), one row each")
+    pruned: list[str] = field([], "--deploy: pruned models (model or run folders), one row each")
+    test: Optional[str] = field(None, "--deploy: labelled file (TSV, CSV or JSONL) each row's accuracy is measured on")
+    latency_steps: int = field(20, "--deploy: timed rounds at batch 1 (--steps: at --infer-batch-size)")
+    compile_int8: bool = field(True, "--deploy: compile the torchao int8 row with frozen weights (a minute or more "
+                               "on the CPU); --no-compile-int8 runs it eager, where each int8 matmul goes to "
+                               "torch._int_mm, slow on CPUs without VNNI")
 
     def __post_init__(self):
         if self.compile_hf and not (self.compile and self.compare_hf):
             raise UserError("--compile-hf compiles transformers beside minibert: it needs --compile and --compare-hf")
-        if min(self.steps, self.batch_size, self.seq_len) < 1 or self.warmup < 0:
-            raise UserError("--steps, --batch-size and --seq-len must be positive, --warmup at least 0")
+        if min(self.steps, self.batch_size, self.seq_len, self.latency_steps) < 1 or self.warmup < 0:
+            raise UserError("--steps, --latency-steps, --batch-size and --seq-len must be positive, --warmup at "
+                            "least 0")
+        if self.deploy:
+            if self.model is None:
+                raise UserError("--deploy needs --model (a model folder)")
+            if self.compare_hf or self.compile or self.fused_kernels or self.precision not in ("auto", "fp32"):
+                raise UserError("--deploy builds its own rows, transformers among them, in fp32 and int8: leave out "
+                                "--compare-hf, --compile, --fused-kernels and --precision")
+        elif self.model or self.student or self.pruned or self.test:
+            raise UserError("--model, --student, --pruned and --test are for the deployment table: add --deploy")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -318,6 +399,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run(args: BenchConfig) -> dict:
     """Build, time and report; returns the result that --json prints."""
+    if args.deploy:
+        return run_deploy(args)
     set_threads(args.threads)
     device = pick_device(args.device)
     dtype_name = resolve_precision(args.precision, device)
@@ -448,6 +531,279 @@ def format_report(r: dict) -> str:
             "token): "
             + ", ".join(f"{t} {x:.2f}x" for t, x in r["flop_ratio"].items()),
         ]
+    return "\n".join(lines)
+
+
+
+# -----------------------------------------------------------------------------
+# The deployment table (--deploy)
+
+Batch = dict[str, Tensor]  # input_ids, attention_mask, token_type_ids: (B, T) int64 each
+
+
+class Skipped(Exception):
+    """A row this machine cannot build (an optional package is missing); the table says why."""
+
+
+@dataclass
+class Served:
+    """One row of the table, ready to call: a batch -> logits (B, C), or hidden states (B, T, H)."""
+
+    forward: Callable[[Batch], Tensor]
+    size_bytes: int  # what it loads from disk
+    folder: Path  # the model folder it came from: its tokenizer and labels read --test
+    vocab_size: int
+
+
+@dataclass
+class Source:
+    """What every row is built from: a model folder, and where the exported files go."""
+
+    folder: Path
+    task: str  # "classifier" or "encoder", as minibert.export decides it
+    tmp: Path
+    threads: int
+    compile_int8: bool = True
+
+
+def needs(*modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise Skipped(f"needs {', '.join(missing)}: pip install -e \".[deploy]\"")
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def call_graph_forward(module: nn.Module) -> Callable[[Batch], Tensor]:
+    return lambda b: module(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+
+
+def serve_transformers(src: Source) -> Served:
+    if importlib.util.find_spec("transformers") is None:
+        raise Skipped("transformers is not installed")
+    if not HF_REFERENCE.exists():
+        raise Skipped(f"needs a checkout of the repository ({HF_REFERENCE})")
+    model = hf_reference("--deploy").hf_pretrained(str(src.folder), src.task)
+    # transformers reads the same weights file as minibert fp32
+    return Served(call_graph_forward(model), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
+
+
+def serve_minibert(src: Source) -> Served:
+    model, _ = export.load_for_export(str(src.folder), src.task)  # eval mode, the graph runtimes' signature
+    return Served(call_graph_forward(model), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
+
+
+def serve_torchao_int8(src: Source) -> Served:
+    needs("torchao")
+    from .quantize import quantize_int8
+
+    model, _ = export.load_for_export(str(src.folder), src.task)
+    model = quantize_int8(model)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)  # int8 weights and their scales, as a user would store them
+    # frozen weights: inductor generates the int8 matmuls itself instead of calling torch._int_mm
+    run_as = torch.compile(model, options={"freezing": True}) if src.compile_int8 else model
+    return Served(call_graph_forward(run_as), buf.tell(), src.folder, model.model.config.vocab_size)
+
+
+def serve_onnx(src: Source, int8: bool) -> Served:
+    needs("onnx", "onnxscript", "onnxruntime")
+    import onnxruntime as ort
+
+    fp32 = src.tmp / "fp32.onnx"
+    model, task = export.load_for_export(str(src.folder), src.task)
+    if not fp32.exists():  # the int8 row quantizes the fp32 row's graph
+        export.export_onnx(model, fp32, export.TASKS[task][1])
+    path = fp32
+    if int8:
+        path = src.tmp / "int8.onnx"
+        export.quantize_int8(fp32, path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = src.threads, 1  # as many threads as torch
+    # ONNX Runtime's threads spin, busy, for a while after each call, in case another comes; the
+    # row timed next (torch's) would then share the cores with them, so they sleep instead
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def forward(b: Batch) -> Tensor:
+        return torch.from_numpy(session.run(None, {n: b[n].numpy() for n in names})[0])
+
+    return Served(forward, path.stat().st_size, src.folder, model.model.config.vocab_size)
+
+
+# The rows built from --model; adding a runtime is one entry here.
+SERVINGS: dict[str, Callable[[Source], Served]] = {
+    "transformers fp32": serve_transformers,
+    "minibert fp32": serve_minibert,
+    "minibert int8 (torchao)": serve_torchao_int8,
+    "ONNX Runtime fp32": partial(serve_onnx, int8=False),
+    "ONNX Runtime int8": partial(serve_onnx, int8=True),
+}
+AGREEMENT_REFERENCE = "minibert fp32"  # the predictions every row is compared with
+
+
+def random_inputs(vocab_size: int, rows: int, seq_len: int, gen: torch.Generator) -> Batch:
+    """rows x seq_len ids from the whole vocabulary, no padding: a dense kernel takes as long
+    whatever the ids are, and every row of the table gets the same batch."""
+    ids = torch.randint(0, vocab_size, (rows, seq_len), generator=gen)  # (B, T)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+@dataclass
+class TestSet:
+    """A labelled file tokenized for one model: batches of rows sorted by length (each padded to
+    its longest row), the labels in file order, and where each batch row sits in the file."""
+
+    batches: list[Batch]
+    order: Tensor  # (N,) file index of the i-th row of the concatenated batches
+    y: Tensor  # (N,) class ids, in file order
+
+
+def read_test(path: str, folder: Path, batch_size: int) -> TestSet:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "id2label" not in config:
+        raise UserError(f"--test: {folder} is not a classifier (no id2label in its config.json)")
+    label_map = LabelMap.from_json(config)
+    if label_map.is_regression:
+        raise UserError(f"--test: {folder} is a regression model; the table reports class accuracy")
+    split, _ = read_split(path, FinetuneConfig(), label_map, "--test")  # columns as finetune reads --test
+    if split.y is None:
+        raise UserError(f"--test {path}: no label column")
+    tok = Tokenizer.from_pretrained(folder)
+    inputs = PlainInputs(tok, tok.model_max_length)
+    items = inputs.encode(split.texts, split.pairs)
+    order = sorted(range(len(items)), key=lambda i: inputs.length(items[i]))  # batches of like length pad little
+    batches = [inputs.collate([items[i] for i in order[s : s + batch_size]]) for s in range(0, len(order), batch_size)]
+    return TestSet(batches, torch.tensor(order), split.y)
+
+
+def predictions(forward: Callable[[Batch], Tensor], test: TestSet) -> Tensor:
+    """(N,) predicted class ids, in file order."""
+    sorted_preds = torch.cat([forward(b).argmax(-1) for b in test.batches])
+    return torch.empty_like(sorted_preds).scatter_(0, test.order, sorted_preds)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for name in ("onnxruntime", "onnx", "torchao", "transformers"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Served], dict[str, str], str]:
+    """Every row of the table, the rows left out (name -> why), and --model's task."""
+    base = resolve_model_dir(args.model)
+    _, task = export.load_for_export(str(base), "auto")
+    served, skipped = {}, {}
+    for name, build in SERVINGS.items():
+        try:
+            served[name] = build(Source(base, task, tmp, threads, args.compile_int8))
+        except Skipped as e:
+            skipped[name] = str(e)
+    for kind, folders in (("pruned", args.pruned), ("student", args.student)):
+        for folder in folders:
+            resolved = resolve_model_dir(folder)
+            served[f"{kind}: {Path(folder).name}"] = serve_minibert(Source(resolved, "auto", tmp, threads))
+    return served, skipped, task
+
+
+def run_deploy(args: BenchConfig) -> dict:
+    if pick_device(args.device).type != "cpu":
+        raise UserError("--deploy times CPU inference (ONNX Runtime's CPU provider, torchao's CPU kernels): add "
+                        "--device cpu")
+    set_threads(args.threads)
+    threads = torch.get_num_threads()
+    B, T = args.infer_batch_size or 32, args.seq_len
+    with tempfile.TemporaryDirectory(prefix="minibert-deploy-") as tmp:
+        served, skipped, task = serve_all(args, Path(tmp), threads)
+        if args.test and task != "classifier":
+            raise UserError(f"--test: {args.model} is not a sequence classifier; the table reports class accuracy")
+        tests = {s.folder: read_test(args.test, s.folder, B) for s in served.values()} if args.test else {}
+        cpu = torch.device("cpu")
+        gen = torch.Generator().manual_seed(args.seed)
+        vocabs = sorted({s.vocab_size for s in served.values()})
+        big = {v: random_inputs(v, B, T, gen) for v in vocabs}
+        one = {v: random_inputs(v, 1, T, gen) for v in vocabs}
+        with torch.inference_mode():
+            steps = {name: partial(s.forward, big[s.vocab_size]) for name, s in served.items()}
+            warm_up(steps, args.warmup)
+            t_big = time_in_turns(steps, args.steps, cpu)
+            steps = {name: partial(s.forward, one[s.vocab_size]) for name, s in served.items()}
+            warm_up(steps, args.warmup)
+            t_one = time_in_turns(steps, args.latency_steps, cpu)
+            preds = {name: predictions(s.forward, tests[s.folder]) for name, s in served.items()} if tests else {}
+
+    ref = "transformers fp32" if "transformers fp32" in served else "minibert fp32"
+    rows = []
+    for name, s in served.items():
+        row = {
+            "name": name,
+            "size_bytes": s.size_bytes,
+            "latency_ms": quantiles(t_one[name])[1] * 1e3,
+            "latency_speedup": quantiles([r / t for r, t in zip(t_one[ref], t_one[name])])[1],
+            "throughput_seq_per_s": B / quantiles(t_big[name])[1],
+            "throughput_speedup": quantiles([r / t for r, t in zip(t_big[ref], t_big[name])])[1],
+            "accuracy": None,
+            "agreement": None,
+            "times_ms": {"batch_1": [t * 1e3 for t in t_one[name]], f"batch_{B}": [t * 1e3 for t in t_big[name]]},
+        }
+        if preds:
+            y = tests[s.folder].y
+            row["accuracy"] = (preds[name] == y).float().mean().item()
+            if AGREEMENT_REFERENCE in preds:
+                row["agreement"] = (preds[name] == preds[AGREEMENT_REFERENCE]).float().mean().item()
+        rows.append(row)
+    result = {
+        "cpu": cpu_name(),
+        "threads": threads,
+        "versions": package_versions(),
+        "model": str(resolve_model_dir(args.model)),
+        "task": task,
+        "seq_len": T,
+        "batch_size": B,
+        "steps": args.steps,
+        "latency_steps": args.latency_steps,
+        "reference": ref,
+        "int8_compiled": args.compile_int8,
+        "test": args.test,
+        "test_rows": len(next(iter(tests.values())).y) if tests else None,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    print(json.dumps(result, indent=2) if args.json else format_deploy_report(result))
+    return result
+
+
+def format_deploy_report(r: dict) -> str:
+    ref, B, T = r["reference"], r["batch_size"], r["seq_len"]
+    versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+    lines = [
+        f"CPU: {r['cpu']}, {r['threads']} threads; {versions}",
+        f"model: {r['model']} ({r['task']}); batch {B} x {T}: {r['steps']} rounds, batch 1 x {T}: "
+        f"{r['latency_steps']} rounds, the rows in turns; medians; x = median of per-round time ratios vs {ref}; "
+        f"torchao int8 {'compiled' if r['int8_compiled'] else 'eager'}"
+        + (f"; test: {r['test']} ({r['test_rows']} rows)" if r["test"] else ""),
+        "",
+        f"| | size MiB | batch 1 x {T} ms | x {ref} | batch {B} x {T} seq/s | x {ref} | test accuracy "
+        f"| same prediction as {AGREEMENT_REFERENCE} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['name']} | {row['size_bytes'] / 2**20:.1f} | {row['latency_ms']:.1f} "
+            f"| {row['latency_speedup']:.2f}x "
+            f"| {row['throughput_seq_per_s']:.1f} | {row['throughput_speedup']:.2f}x | {pct(row['accuracy'])} "
+            f"| {pct(row['agreement'])} |"
+        )
+    if r["skipped"]:
+        lines += ["", *(f"left out: {name} ({why})" for name, why in r["skipped"].items())]
     return "\n".join(lines)
 
 

@@ -1,5 +1,7 @@
 """The benchmark's FLOP formula (by hand and against torch's count of every matmul), its
-batch (BERT's masking), and that `python -m minibert.bench` runs and prints its table."""
+batch (BERT's masking), and that `python -m minibert.bench` runs and prints its table.
+The deployment table (--deploy) is checked on a tiny random classifier: its rows and columns,
+and its accuracies against minibert.predict's own predictions on the same file."""
 
 import importlib.util
 import json
@@ -178,3 +180,109 @@ def test_bench_command_errors_are_one_line_and_exit_1(capsys):
                                        "it needs --compile and --compare-hf\n")
     assert main(["--device", "cpu", "--precision", "fp16"]) == 1
     assert "fp16 is for GPUs" in capsys.readouterr().err
+
+
+# -- the deployment table (--deploy) -----------------------------------------------------------------
+
+SENTIMENT = ROOT / "data" / "sentiment"
+DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", "minibert int8 (torchao)", "ONNX Runtime fp32",
+                   "ONNX Runtime int8"]
+NEEDS = {"transformers fp32": ["transformers"], "minibert int8 (torchao)": ["torchao"],
+         "ONNX Runtime fp32": ["onnx", "onnxscript", "onnxruntime"], "ONNX Runtime int8": ["onnx", "onnxscript",
+                                                                                           "onnxruntime"]}
+
+
+@pytest.fixture
+def deploy_folders(tmp_path, tiny_config) -> dict[str, Path]:
+    """A tiny random classifier on data/sentiment's vocabulary, a copy with two heads pruned, and a
+    one-layer student, saved as minibert's jobs save them."""
+    from minibert import BertForSequenceClassification, Tokenizer
+    from minibert.prune import prune_heads
+
+    tok = Tokenizer.train([SENTIMENT / "train.tsv"], vocab_size=200, min_frequency=1)
+    tok.model_max_length = 64
+    labels = {0: "0", 1: "1"}
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, id2label=labels))
+    with torch.no_grad():  # BERT's init predicts one class for every row; these weights predict both
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 1.0) if p.dim() > 1 else p.zero_()
+    student = BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, num_layers=1, id2label=labels))
+    folders = {"model": tmp_path / "clf", "pruned": tmp_path / "pruned", "student": tmp_path / "student"}
+    model.save_pretrained(folders["model"], tokenizer=tok)
+    student.save_pretrained(folders["student"], tokenizer=tok)
+    prune_heads(model.bert, {0: [0, 1]})
+    model.save_pretrained(folders["pruned"], tokenizer=tok)
+    return folders
+
+
+def deploy(folders: dict[str, Path], *extra: str) -> dict:
+    return bench_result(["--deploy", "--model", str(folders["model"]), "--pruned", str(folders["pruned"]),
+                         "--student", str(folders["student"]), "--seq-len", "16", "--infer-batch-size", "4",
+                         "--steps", "1", "--latency-steps", "2", "--warmup", "0", "--threads", "1", *extra])
+
+
+def oracle_accuracy(folder: Path) -> tuple[float, torch.Tensor]:
+    """minibert.predict's accuracy on data/sentiment/test.tsv, and its predictions."""
+    from minibert.predict import Classifier
+    from minibert.tabular import read_labeled
+
+    data = read_labeled(SENTIMENT / "test.tsv")
+    preds = Classifier(folder).scores(data.texts).argmax(-1)
+    y = torch.tensor([int(x) for x in data.labels])
+    return (preds == y).float().mean().item(), preds
+
+
+def test_deploy_table_has_every_row_and_accuracies_from_each_rows_predictions(deploy_folders, capsys):
+    # compiling the int8 model would cost a minute on the CPU and test torch: it runs eager here
+    result = deploy(deploy_folders, "--test", str(SENTIMENT / "test.tsv"), "--no-compile-int8")
+    out = capsys.readouterr().out
+    assert "| | size MiB | batch 1 x 16 ms |" in out and "| batch 4 x 16 seq/s |" in out and "| test accuracy |" in out
+    rows = {r["name"]: r for r in result["rows"]}
+    present = [n for n in DEPLOY_RUNTIMES if all(importlib.util.find_spec(m) for m in NEEDS.get(n, []))]
+    assert list(rows) == present + ["pruned: pruned", "student: student"]
+    assert sorted(result["skipped"]) == sorted(set(DEPLOY_RUNTIMES) - set(present))
+    assert result["test_rows"] == 300 and result["cpu"] in out.splitlines()[0]
+    for name, r in rows.items():
+        assert f"| {name} |" in out
+        assert r["size_bytes"] > 0 and len(r["times_ms"]["batch_1"]) == 2 and len(r["times_ms"]["batch_4"]) == 1
+        assert r["throughput_seq_per_s"] == pytest.approx(4 / (r["times_ms"]["batch_4"][0] / 1e3))
+        # two accuracies differ by at most the share of rows where the predictions differ
+        assert abs(r["accuracy"] - rows["minibert fp32"]["accuracy"]) <= 1 - r["agreement"] + 1e-9
+
+    acc, preds = oracle_accuracy(deploy_folders["model"])
+    assert 0 < preds.float().mean() < 1  # both classes predicted: a constant guess would not pass below
+    assert rows["minibert fp32"]["accuracy"] == pytest.approx(acc) and rows["minibert fp32"]["agreement"] == 1.0
+    for name in ("transformers fp32", "ONNX Runtime fp32"):  # the same function in fp32: the same predictions
+        if name in rows:
+            assert rows[name]["accuracy"] == pytest.approx(acc) and rows[name]["agreement"] == 1.0
+    for kind in ("pruned", "student"):
+        assert rows[f"{kind}: {kind}"]["accuracy"] == pytest.approx(oracle_accuracy(deploy_folders[kind])[0])
+    assert rows["student: student"]["size_bytes"] < rows["pruned: pruned"]["size_bytes"] < rows["minibert fp32"][
+        "size_bytes"]
+    if "ONNX Runtime int8" in rows:
+        assert rows["ONNX Runtime int8"]["size_bytes"] < rows["ONNX Runtime fp32"]["size_bytes"]
+
+
+def test_deploy_leaves_out_rows_whose_package_is_missing(deploy_folders, monkeypatch, capsys):
+    import minibert.bench as bench
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("onnxruntime", "torchao") else find_spec(name, *a))
+    result = deploy(deploy_folders)
+    assert result["skipped"] == {name: 'needs onnxruntime: pip install -e ".[deploy]"' if "ONNX" in name else
+                                 'needs torchao: pip install -e ".[deploy]"'
+                                 for name in ("minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8")}
+    assert "left out: ONNX Runtime int8 (needs onnxruntime" in capsys.readouterr().out
+    assert all(r["accuracy"] is None for r in result["rows"])  # no --test
+
+
+def test_deploy_options_are_checked(capsys):
+    assert main(["--model", "x"]) == 1
+    assert "add --deploy" in capsys.readouterr().err
+    assert main(["--deploy"]) == 1
+    assert "--deploy needs --model" in capsys.readouterr().err
+    assert main(["--deploy", "--model", "x", "--compare-hf"]) == 1
+    assert "leave out --compare-hf" in capsys.readouterr().err
