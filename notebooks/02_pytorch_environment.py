@@ -381,6 +381,63 @@ print(f"saved program: {size_mb:.0f} MB; reloaded gives identical output: {same}
 result("export_reload_identical", same)
 
 # %% [markdown]
+# ## 7. Several processes: DistributedDataParallel (GPU集群)
+#
+# `torchrun --nproc_per_node=N -m minibert.pretrain ...` starts N copies of the job, one
+# per GPU (or N CPU processes), that each hold the whole model. Every step, each rank
+# runs forward and backward on its own slice of the global batch, and DDP averages the
+# gradients over the ranks (an all-reduce) before the identical optimizer steps. The
+# cell below does the arithmetic of one step in this one process, with the two ranks
+# as two slices of one batch, for a small masked LM in float64: rank r takes rows
+# r::2, as `rank_micro_batches` does, and the two ranks hold different numbers of
+# masked tokens.
+
+# %%
+from minibert import BertForMaskedLM
+
+torch.manual_seed(0)
+mlm_cfg = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=16,
+                     dropout=0.0, attention_dropout=0.0)
+net = BertForMaskedLM(mlm_cfg).double()
+g8 = torch.Generator().manual_seed(1)
+ids8 = torch.randint(5, 100, (8, 12), generator=g8)  # a global batch of 8 rows
+labels8 = torch.where(torch.rand(8, 12, generator=g8) < 0.15, ids8, torch.full_like(ids8, -100))  # ~15% masked
+
+
+def grads(loss):
+    net.zero_grad()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+ranks = [slice(r, None, 2) for r in range(2)]  # rank r reads rows r::world
+outs = [net(input_ids=ids8[s], labels=labels8[s]) for s in ranks]
+n = [int(o.count) for o in outs]
+N = sum(n)  # the step's masked tokens over all ranks (minibert all-reduces this count first)
+g_one = grads(net(input_ids=ids8, labels=labels8).loss)  # one process, one batch of 8: mean over N tokens
+# DDP averages the ranks' gradients; what each rank backpropagates decides what that average is
+g_naive = sum(grads(net(input_ids=ids8[s], labels=labels8[s]).loss) for s in ranks) / 2  # each rank's own mean
+g_minibert = sum(grads(2 * net(input_ids=ids8[s], labels=labels8[s]).loss_sum / N) for s in ranks) / 2  # x world / N
+err_naive, err_minibert = (g_naive - g_one).abs().max().item(), (g_minibert - g_one).abs().max().item()
+print(f"masked tokens per rank {n}; max |gradient - one big batch's|: each rank's own mean {err_naive:.1e}, "
+      f"world x sum / N {err_minibert:.1e}")
+result("ddp_masked_per_rank", f"{n[0]} and {n[1]}")
+result("ddp_scaled_loss_matches_one_batch", err_minibert < 1e-12)
+result("ddp_rank_mean_loss_differs", err_naive > 1e-4)
+
+# seeds: the same seed on every rank gives the same initial weights; seed + rank gives different dropout
+same_init = []
+for rank in range(2):
+    torch.manual_seed(0)  # seed_everything(cfg.seed) before the model is built
+    same_init.append(torch.cat([p.detach().flatten() for p in BertForMaskedLM(mlm_cfg).parameters()]))
+drop = []
+for rank in range(2):
+    torch.manual_seed(0 + rank)  # seed_everything(cfg.seed + rank) after it
+    drop.append(torch.nn.functional.dropout(torch.ones(1000), 0.1))
+result("ddp_same_initial_weights", torch.equal(*same_init))
+result("ddp_different_dropout_masks", not torch.equal(*drop))
+
+# %% [markdown]
 # ## Answers to the exercises that compute something
 #
 # The chapter's answers quote these numbers. Exercise 1: the rank of $J$ and its null

@@ -17,8 +17,9 @@
 # The runnable half of [chapter 3](../chapters/03_designing_a_model.md): two design
 # choices of the encoder (where LayerNorm goes, how positions are encoded) tried on
 # small models trained from scratch with a loop written out in full; then the
-# project's fine-tuning command for the rest: metrics and the confusion matrix,
-# overfitting and what stops it, adversarial training, and transfer learning.
+# project's fine-tuning command for the rest: metrics and the confusion matrix, class
+# imbalance, overfitting and what stops it, TensorBoard, a hyper-parameter search,
+# adversarial training, and transfer learning.
 # Numbers the chapter quotes are printed as `RESULT name = value`.
 
 # %%
@@ -269,6 +270,108 @@ result("scratch_confusion", f"TN {tn}, FP {fp}, FN {fn}, TP {tp}")
 display(Image(plot_confusion_matrix(cm, ["negative", "positive"], WORK / "cm.png", title="from scratch, test set")))
 
 # %% [markdown]
+# ### Imbalanced classes (数据不平衡)
+#
+# Negative reviews made rare: 800 positive and 200 negative training rows (20%
+# negative), and dev and test subsets with the same shares. Four remedies are compared,
+# each measured per class on the test subset: no weighting, class weights in the loss,
+# resampling the training rows, and moving the decision threshold. To run them in a
+# second each, the model is a linear classifier on fixed sentence vectors: the mean of
+# MiniLM's pretrained word-piece vectors (its input embeddings, no encoder layers), which
+# never saw these labels. The loss is the fine-tuning command's own `task_loss`, and the
+# class weights are those of `--class-weights inverse` (`class_weight`): the same two
+# functions weight the loss of a whole BERT in `minibert.finetune`.
+
+# %%
+from safetensors import safe_open
+
+from minibert.finetune import class_weight
+from minibert.strategies import task_loss
+
+
+def imbalanced(labels, n_pos, n_neg, seed=0):
+    """A seeded subset with n_pos positive (1) and n_neg negative (0) rows."""
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([perm[labels[perm] == 1][:n_pos], perm[labels[perm] == 0][:n_neg]])
+
+
+sizes = {"train": (800, 200), "dev": (164, 41), "test": (152, 38)}
+sub = {name: imbalanced(y[name], *sizes[name]) for name in sizes}
+
+with safe_open(str(Path(VOCAB) / "model.safetensors"), "pt") as f:  # MiniLM's word-piece vectors, nothing else
+    E = f.get_tensor(next(k for k in f.keys() if k.endswith("word_embeddings.weight")))  # (V, 384)
+
+
+def mean_vector(inputs):
+    """The mean of a row's word-piece vectors, [CLS], [SEP] and padding left out: (N, 384)."""
+    # ids 0-103 of this vocabulary are [PAD], [unused*], [UNK], [CLS], [SEP] and [MASK]
+    keep = (inputs["attention_mask"] * (inputs["input_ids"] > 103)).unsqueeze(-1).float()  # (N, T, 1)
+    return (E[inputs["input_ids"]] * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+feats = {name: mean_vector({k: v[sub[name]] for k, v in X[name].items()}) for name in sizes}
+mu, sd = feats["train"].mean(0), feats["train"].std(0)  # standardised with the training rows' statistics
+feats = {name: (f - mu) / sd for name, f in feats.items()}
+y_imb = {name: y[name][sub[name]] for name in sizes}
+
+
+def train_head(weight=None, oversample=False, epochs=10, batch_size=64, lr=1e-2, seed=0):
+    """A linear classifier on the fixed vectors, trained with mini-batches of AdamW; returns it."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(feats["train"].shape[1], 2)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+    xs, ys = feats["train"], y_imb["train"]
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        if oversample:  # draw rows with replacement so that both classes are equally likely
+            p = class_weight("inverse", ys, 2)[ys]
+            order = torch.multinomial(p, len(ys), replacement=True, generator=g)
+        else:
+            order = torch.randperm(len(ys), generator=g)
+        for idx in order.split(batch_size):
+            loss = task_loss(head(xs[idx]), ys[idx], weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return head
+
+
+def p_negative(head, name):
+    with torch.no_grad():
+        return head(feats[name]).softmax(-1)[:, 0]
+
+
+w_inv = class_weight("inverse", y_imb["train"], 2)
+print(f"training shares: {(y_imb['train'] == 0).float().mean():.2f} negative; inverse-frequency weights "
+      f"w = {[round(w, 2) for w in w_inv.tolist()]}")
+heads = {"no weighting": train_head(), "class weights": train_head(weight=w_inv), "oversampling": train_head(oversample=True)}
+# moving the threshold: the unweighted head, predicting 'negative' when p(negative) > t, t chosen on dev
+ts_imb = torch.linspace(0.05, 0.95, 19)
+
+
+def macro_f1_at(p_neg, labels, t):
+    return classification_report(labels, (p_neg <= t).long(), ["negative", "positive"])["macro"]["f1"]
+
+
+dev_f1 = [macro_f1_at(p_negative(heads["no weighting"], "dev"), y_imb["dev"], t) for t in ts_imb]
+t_best = ts_imb[max(range(len(ts_imb)), key=dev_f1.__getitem__)].item()
+preds = {name: (p_negative(h, "test") <= 0.5).long() for name, h in heads.items()}
+preds[f"threshold t = {t_best:.2f}"] = (p_negative(heads["no weighting"], "test") <= t_best).long()
+result("imbalance_threshold", f"{t_best:.2f}")
+rows = {}
+for name, pred in preds.items():
+    rep = classification_report(y_imb["test"], pred, ["negative", "positive"])
+    neg, pos = rep["per_class"]["negative"], rep["per_class"]["positive"]
+    rows[name] = (neg["precision"], neg["recall"], neg["f1"], pos["f1"], rep["macro"]["f1"])
+    print(f"{name:20s} negative P {neg['precision']:.3f} R {neg['recall']:.3f} F1 {neg['f1']:.3f} | "
+          f"positive F1 {pos['f1']:.3f} | macro-F1 {rep['macro']['f1']:.3f} | accuracy {rep['accuracy']:.3f}")
+    key = "imb_" + name.split(" t =")[0].replace(" ", "_")
+    for what, v in zip(("neg_precision", "neg_recall", "neg_f1", "pos_f1", "macro_f1"), rows[name]):
+        result(f"{key}_{what}", f"{v:.3f}")
+    result(f"{key}_accuracy", f"{rep['accuracy']:.3f}")
+result("imbalance_test_rows", f"{len(y_imb['test'])} ({int((y_imb['test'] == 0).sum())} negative)")
+
+# %% [markdown]
 # ## 4. Overfitting, and what stops it
 #
 # From here on, `minibert.finetune.run` does the work: it is the loop above plus
@@ -333,6 +436,111 @@ p_hat = m_plain["test"]["accuracy"]
 se = math.sqrt(p_hat * (1 - p_hat) / len(y["test"]))
 print(f"standard error of an accuracy near {p_hat:.2f} on {len(y['test'])} rows: {se:.3f}")
 result("accuracy_standard_error", f"{100 * se:.1f} points")
+
+# %% [markdown]
+# ### Watching a run: TensorBoard (可视化)
+#
+# Every job appends one JSON record per log line or evaluation to `metrics.jsonl`.
+# `minibert.toolkit.log_scalars` turns a record into TensorBoard scalars named
+# `<kind>/<key>` at the record's step; `python -m minibert.pretrain --tensorboard` calls it
+# on every record, into `<out>/tensorboard`, and `tensorboard --logdir <out>/tensorboard`
+# serves the plots at http://localhost:6006. Here the unregularised run's records go
+# through `log_scalars`, once into a stand-in writer that keeps what it is given (so this
+# works without the `tensorboard` package) and, when the package is installed, into a real
+# event file as well, read back to check that it holds the same scalars.
+
+# %%
+from minibert.toolkit import log_scalars, open_tensorboard
+
+
+class KeepScalars:
+    """The two methods of torch.utils.tensorboard.SummaryWriter that log_scalars calls."""
+
+    def __init__(self):
+        self.scalars = {}  # tag -> [(step, value)]
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+    def flush(self):
+        pass
+
+
+kept = KeepScalars()
+for record in h_plain:
+    log_scalars(kept, record)
+print("tags:", ", ".join(sorted(kept.scalars)))
+result("tensorboard_tags", ", ".join(sorted(kept.scalars)))
+result("tensorboard_loss_points", len(kept.scalars["train/loss"]))
+
+tb = open_tensorboard(WORK / "tb_demo", True)  # None (and a note) without the tensorboard package
+if tb is not None:
+    for record in h_plain:
+        log_scalars(tb, record)
+    tb.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(WORK / "tb_demo" / "tensorboard")).Reload()
+    same = all([(e.step, round(e.value, 5)) for e in events.Scalars(tag)] == [(s, round(v, 5)) for s, v in pts]
+               for tag, pts in kept.scalars.items())
+    print("event file written and read back; same scalars:", same)
+
+
+def smooth(values, weight=0.6):
+    """TensorBoard's smoothing slider: an exponential moving average, debiased at the start."""
+    out, last = [], 0.0
+    for i, v in enumerate(values, 1):
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight**i))
+    return out
+
+
+fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+for ax, tag in zip(axes, ("train/loss", "train/lr", "eval/dev_accuracy")):
+    steps, values = zip(*kept.scalars[tag])
+    ax.plot(steps, values, color="tab:orange", alpha=0.35, lw=1)
+    ax.plot(steps, smooth(values), color="tab:orange", lw=1.5)
+    ax.set_title(tag, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+plt.suptitle("the scalars TensorBoard shows for the unregularised run (faint: raw; solid: smoothing 0.6)", fontsize=9)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ### Choosing hyper-parameters: a random search (超参数搜索)
+#
+# `python -m minibert.finetune ... --search random` (the same as `minibert.search.search`)
+# draws `--search-trials` combinations of learning rate × batch size × epochs from the
+# lists given, runs each as an ordinary fine-tuning run *without* the test file, keeps
+# the one with the best dev accuracy, and only then labels the test set, once, with that
+# model. Here: 3 of the 3 × 2 × 2 = 12 combinations, on section 4's 200-row regularised setup.
+
+# %%
+import contextlib
+import io
+
+from minibert.search import search
+
+t = time.perf_counter()
+setup = {**small, "dropout": 0.1, "weight_decay": 0.01}
+with contextlib.redirect_stdout(io.StringIO()):  # each trial's closing log line
+    m_search = search(FinetuneConfig(train=str(files["train"]), dev=str(files["dev"]), test=str(files["test"]),
+                                     out=str(WORK / "search"), progress=False, log_every=10_000, search="random",
+                                     search_lr="3e-4,1e-3,3e-3", search_batch_size="16,32", search_epochs="2,4",
+                                     search_trials=3, **setup), log=lambda s: None)
+print((WORK / "search" / "search.md").read_text())  # the table the command writes (seconds: this machine's)
+best = m_search["search"]["best"]
+print(f"chosen on dev: lr {best['lr']:g}, batch {best['batch_size']}, {best['epochs']:g} epochs; "
+      f"its test accuracy {m_search['test']['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)")
+for r in m_search["search"]["trials"]:
+    i = r["trial"]
+    result(f"search_{i}_lr", f"{r['lr']:g}")
+    result(f"search_{i}_batch", r["batch_size"])
+    result(f"search_{i}_epochs", f"{r['epochs']:g}")
+    result(f"search_{i}_dev", f"{r['dev']:.1%}")
+result("search_best_trial", best["trial"])
+result("search_test_accuracy", f"{m_search['test']['accuracy']:.1%}")
 
 # %% [markdown]
 # ## 5. Adversarial training (对抗训练): FGM

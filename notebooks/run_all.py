@@ -1,6 +1,6 @@
 """Execute the chapter notebooks and print the numbers their chapters quote.
 
-    python notebooks/run_all.py              # run all five, print RESULT lines and run times
+    python notebooks/run_all.py              # run them all, print RESULT lines and run times
     python notebooks/run_all.py 02 05        # only the notebooks whose names start with these
     python notebooks/run_all.py --check      # also check each chapter quotes every RESULT value
     python notebooks/run_all.py --save DIR   # keep the executed notebooks (with outputs) in DIR
