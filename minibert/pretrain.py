@@ -1,6 +1,7 @@
 """Pretrain BERT (masked LM + next-sentence prediction) on your own text.
 
-    python -m minibert.pretrain                                   # tiny model, bundled corpus: the sanity-check run
+    python -m minibert.pretrain                                   # tiny model, bundled text, recipe 'budget'
+    python -m minibert.pretrain --recipe bert                     # the original BERT recipe (NSP, 15% masking)
     python -m minibert.pretrain --corpus 'my_texts/*.txt' --preset mini --max-steps 1200
     python -m minibert.pretrain --corpus 'my_texts/*.txt' --preset mini --time-budget 60   # the best model in an hour
     python -m minibert.pretrain --init runs/pretrain --corpus reviews.txt --out runs/dapt  # continue on new text
@@ -73,14 +74,39 @@ from .toolkit import (
     set_threads,
 )
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus" / "default_corpus.txt"
+_DATA = Path(__file__).resolve().parent.parent / "data"
+# the bundled text: invented documents of eight kinds, and invented review pages (data/README.md)
+DEFAULT_CORPUS = [_DATA / "corpus" / "default_corpus.txt", _DATA / "reviews" / "review_pages.txt"]
+
+# What a recipe sets: how a small budget of compute is spent. A flag given explicitly wins.
+# 'budget' is what benchmarks/pretrain_results.md measured to transfer best for a tiny model in
+# a few CPU minutes: no NSP (its loss and its 128-token pairs cost compute and teach the
+# pooler, not the words), 40% masking (Wettig et al. 2023: more predictions per step), 64-token
+# rows, dropout 0 (a short run does not overfit), sinusoidal start for the learned position
+# table, and 2,400 steps, because before about 1,000 steps a tiny model only predicts frequent
+# tokens and fine-tunes no better than random weights. 'bert' is the original recipe
+# (Devlin et al. 2019: NSP, 15% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions)
+# at the former step count. Both train the same standard BERT architecture.
+RECIPES = {
+    "budget": dict(nsp=False, mlm_prob=0.4, seq_len=64, dropout=0.0, position_init="sinusoidal",
+                   max_steps=2400, warmup=240),
+    "bert": dict(nsp=True, mlm_prob=0.15, seq_len=128, dropout=None, position_init="random",
+                 max_steps=600, warmup=60),
+}
 
 
 @dataclass
 class PretrainConfig(RunOptions):
     # data
     corpus: list[str] = field([], "text files, globs or folders; documents separated by blank lines (default: the "
-                              "bundled data/corpus/default_corpus.txt). --resume checks their content, not their names")
+                              "bundled data/corpus/default_corpus.txt and data/reviews/review_pages.txt). --resume "
+                              "checks their content, not their names")
+    recipe: str = field("budget", "defaults for --nsp, --mlm-prob, --seq-len, --dropout, --position-init, --max-steps "
+                        "and --warmup (a flag given explicitly wins). 'budget': no NSP, 40%% masking, 64 tokens, "
+                        "dropout 0, sinusoidal position start, 2400 steps, warmup 240 (the recipe that transferred "
+                        "best from a few CPU minutes; see benchmarks/pretrain_results.md). 'bert': the original "
+                        "BERT recipe: NSP, 15%% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions, "
+                        "600 steps, warmup 60", fixed=True, choices=list(RECIPES))
     tokenizer: Optional[str] = field(None, "reuse this tokenizer (folder, tokenizer.json or vocab.txt) instead of "
                                      "training one on the corpus")
     vocab_size: int = field(4096, "size of the WordPiece vocabulary trained on the corpus (without --tokenizer)",
@@ -89,16 +115,19 @@ class PretrainConfig(RunOptions):
                         "uses U+FFFD", fixed=True, choices=["strict", "replace"])
     cache_dir: Optional[str] = field(None, "where tokenized corpora are cached (default: $MINIBERT_CACHE or "
                                      "~/.cache/minibert)")
-    seq_len: int = field(128, "tokens per instance, [CLS] and [SEP]s included", fixed=True)
+    seq_len: Optional[int] = field(None, "tokens per instance, [CLS] and [SEP]s included (default: by --recipe)",
+                                   fixed=True)
     short_seq_prob: float = field(0.1, "probability that a document's instances aim for a random shorter length",
                                   fixed=True)
-    mlm_prob: float = field(0.15, "fraction of the tokens chosen for prediction (80%% [MASK], 10%% random, 10%% "
-                            "unchanged)", fixed=True)
+    mlm_prob: Optional[float] = field(None, "fraction of the tokens chosen for prediction (80%% [MASK], 10%% "
+                                      "random, 10%% unchanged) (default: by --recipe)", fixed=True)
     whole_word_mask: bool = field(False, "choose whole words (a token and its ## pieces) for masking", fixed=True)
     static_masking: bool = field(False, "draw pairs and masks once and repeat them each epoch (default: fresh each "
                                  "epoch)", fixed=True)
-    no_nsp: bool = field(False, "no next-sentence prediction: one segment per instance, MLM loss only (RoBERTa-style)",
-                         fixed=True)
+    nsp: bool = field(False, "train next-sentence prediction too: sentence pairs, the NSP head and the pooler "
+                      "(default: by --recipe)", fixed=True)
+    no_nsp: bool = field(False, "no next-sentence prediction: one segment per instance, MLM loss only (RoBERTa-style; "
+                         "default: by --recipe)", fixed=True)
     pack: bool = field(False, "lay several instances end to end in each row (block-diagonal attention) instead of "
                        "padding each to the longest: the same loss with fewer rows; --batch-size still counts "
                        "instances", fixed=True)
@@ -111,11 +140,12 @@ class PretrainConfig(RunOptions):
                                 "used: --preset, --vocab-size, --tokenizer, --position-init and --norm-position do "
                                 "not apply", fixed=True)
     preset: str = field("tiny", "model size (Google's small-BERT grid)", fixed=True, choices=list(PRESETS))
-    dropout: Optional[float] = field(None, "dropout on hidden states and attention (default: the preset's or "
-                                     "--init's)", fixed=True)
-    position_init: str = field("random", "initial learned position table: 'random' (BERT's N(0, 0.02)) or "
-                               "'sinusoidal' (the sinusoidal encoding scaled to the same std: nearby positions start "
-                               "out alike; still a standard BERT)", fixed=True, choices=["random", "sinusoidal"])
+    dropout: Optional[float] = field(None, "dropout on hidden states and attention (default: by --recipe; recipe "
+                                     "bert: the preset's or --init's)", fixed=True)
+    position_init: Optional[str] = field(None, "initial learned position table: 'random' (BERT's N(0, 0.02)) or "
+                                         "'sinusoidal' (the sinusoidal encoding scaled to the same std: nearby "
+                                         "positions start out alike; still a standard BERT) (default: by --recipe)",
+                                         fixed=True, choices=["random", "sinusoidal"])
     norm_position: str = field("post", "'post': BERT's LayerNorm after each residual; 'pre': before (a deviation: "
                                "stabler at high learning rates, but other libraries load such a model as post-LN, "
                                "i.e. wrongly)", fixed=True, choices=["post", "pre"])
@@ -130,13 +160,15 @@ class PretrainConfig(RunOptions):
     batch_size: int = field(32, "rows per micro-batch, per process (--resume checks the global batch: processes x "
                             "--batch-size x --grad-accum)")
     grad_accum: int = field(1, "micro-batches accumulated per optimizer step")
-    max_steps: int = field(600, "optimizer steps (ignored with --time-budget)", fixed=True)
+    max_steps: Optional[int] = field(None, "optimizer steps (ignored with --time-budget) (default: by --recipe)",
+                                     fixed=True)
     time_budget: Optional[float] = field(None, "minutes of training (wall clock, evaluations included): warmup and "
                                          "the linear decay to 0 follow elapsed time instead of steps, so the run "
                                          "ends at the budget with the learning rate at 0. Not reproducible step for "
                                          "step: the schedule depends on the machine's speed", fixed=True)
     lr: float = field(2e-3, "peak learning rate (AdamW)", fixed=True)
-    warmup: int = field(60, "linear warmup steps, then linear decay to 0 at --max-steps", fixed=True)
+    warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
+                                  "--recipe)", fixed=True)
     warmup_fraction: float = field(0.1, "with --time-budget: the share of the budget spent in linear warmup",
                                    fixed=True)
     weight_decay: float = field(0.01, "AdamW weight decay (none on biases and LayerNorm)", fixed=True)
@@ -155,6 +187,7 @@ class PretrainConfig(RunOptions):
     debug_nan_at_step: int = field(0, "test hook: make the loss NaN at this step", hidden=True)
 
     def __post_init__(self):
+        self.apply_recipe()
         positive = ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "eval_size")
         checks = [
             (8 <= self.seq_len <= 512, f"--seq-len must be in [8, 512] (512: the position table), got {self.seq_len}"),
@@ -175,6 +208,20 @@ class PretrainConfig(RunOptions):
             if not ok:
                 raise UserError(msg)
 
+    def apply_recipe(self):
+        """Fill the fields left at None from --recipe; idempotent, so a saved run_config.json
+        (already filled) reads back the same."""
+        if self.nsp and self.no_nsp:
+            raise UserError("--nsp and --no-nsp contradict each other: give one")
+        recipe = RECIPES[self.recipe]
+        for name, value in recipe.items():
+            if name not in ("nsp", "dropout") and getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.dropout is None:
+            self.dropout = recipe["dropout"]
+        self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
+        self.no_nsp = not self.nsp
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -189,7 +236,7 @@ class Data:
 
 
 def prepare_data(cfg: PretrainConfig, tok: Optional[Tokenizer], log=print) -> Data:
-    files = pd.resolve_paths(cfg.corpus or [DEFAULT_CORPUS])
+    files = pd.resolve_paths(cfg.corpus or DEFAULT_CORPUS)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else pd.default_cache_dir()
     if tok is None:
         tok = pd.get_tokenizer(cfg.tokenizer, files, cfg.vocab_size, cache_dir, cfg.errors, log)
@@ -377,7 +424,7 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> BertForPreTraining:
 
 def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
     out = Path(cfg.out)
-    files = pd.resolve_paths(cfg.corpus or [DEFAULT_CORPUS])
+    files = pd.resolve_paths(cfg.corpus or DEFAULT_CORPUS)
     if cfg.init:  # a mistyped --init fails here, naming the flag, before any data preparation
         try:
             resolve_model_dir(cfg.init)

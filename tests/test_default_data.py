@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 CORPUS = DATA / "corpus" / "default_corpus.txt"
 SPLITS = {"train": 2000, "dev": 300, "test": 300}
-GENERATED = ["corpus/default_corpus.txt"] + [f"sentiment/{s}.tsv" for s in SPLITS]
+REVIEWS = DATA / "reviews" / "review_pages.txt"
+GENERATED = ["corpus/default_corpus.txt", "reviews/review_pages.txt"] + [f"sentiment/{s}.tsv" for s in SPLITS]
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,21 @@ def test_no_sentence_is_in_two_splits() -> None:
     assert not sentences["train"] & sentences["test"]
     assert not sentences["train"] & sentences["dev"]
     assert not sentences["dev"] & sentences["test"]
+
+
+def test_review_pages_hold_no_labelled_sentence_and_no_label() -> None:
+    """The unlabelled review pages are pretraining text: none of their sentences is a row of a
+    labelled split (or fine-tuning would be tested on text seen in pretraining), they carry no
+    label column, and each page keeps one verdict, as one reviewer's page does."""
+    labelled = {line.split("\t")[0] for split in SPLITS
+                for line in (DATA / "sentiment" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()[1:]}
+    pages = REVIEWS.read_text(encoding="utf-8")[:-1].split("\n\n")
+    assert len(pages) >= 300 and "\t" not in "".join(pages)
+    # a sentence of a page is the text up to and including its final " ." or " !"
+    sentences = [s.strip() for page in pages for s in re.findall(r".+? [.!](?= |$|\n)", page.replace("\n", " "))]
+    assert len(sentences) > 5 * len(pages) * 0.8
+    for s in sentences:
+        assert s not in labelled and s.rstrip(" .!") not in labelled, s
 
 
 def test_bag_of_words_is_good_but_not_perfect() -> None:

@@ -59,7 +59,7 @@ def cli(opts: dict, **changes) -> list[str]:
 def setup(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("pretrain")
     corpus = make_corpus(tmp / "corpus.txt", n_docs=300)
-    opts = dict(corpus=corpus, cache_dir=tmp / "cache", vocab_size=300, seq_len=32, batch_size=8, lr=2e-3, warmup=10,
+    opts = dict(recipe="bert", corpus=corpus, cache_dir=tmp / "cache", vocab_size=300, seq_len=32, batch_size=8, lr=2e-3, warmup=10,
                 max_steps=STEPS, save_every=5, eval_every=20, eval_size=48, log_every=1, threads=1)
     return {"tmp": tmp, "opts": opts, "args": cli(opts)}
 
@@ -484,3 +484,37 @@ def test_default_command_beats_the_baseline_in_under_5_minutes(tmp_path):
     assert final["mlm_acc"] > 2 * final["baseline_acc"]
     assert "most-frequent-token baseline" in r.stdout
     print(f"default run: {time.time() - t0:.0f}s wall, held-out MLM acc {final['mlm_acc']:.3f} vs baseline {final['baseline_acc']:.3f}")
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipe_fills_only_the_flags_left_unset():
+    from dataclasses import asdict
+
+    from minibert.pretrain import DEFAULT_CORPUS, RECIPES, PretrainConfig
+
+    cfg = PretrainConfig()  # what `python -m minibert.pretrain` runs
+    assert (cfg.recipe, cfg.nsp, cfg.no_nsp, cfg.mlm_prob, cfg.seq_len, cfg.dropout, cfg.position_init,
+            cfg.max_steps, cfg.warmup) == ("budget", False, True, 0.4, 64, 0.0, "sinusoidal", 2400, 240)
+    bert = PretrainConfig(recipe="bert")
+    assert (bert.nsp, bert.mlm_prob, bert.seq_len, bert.dropout, bert.position_init, bert.max_steps) == (
+        True, 0.15, 128, None, "random", 600)  # dropout None: the preset's (BERT's 0.1)
+    # an explicit flag wins over the recipe, either way
+    assert PretrainConfig(nsp=True, mlm_prob=0.15).nsp and PretrainConfig(nsp=True, mlm_prob=0.15).mlm_prob == 0.15
+    assert PretrainConfig(recipe="bert", no_nsp=True).nsp is False
+    assert PretrainConfig(recipe="bert", dropout=0.0, seq_len=32).seq_len == 32
+    # a saved run_config.json reads back as the same config (what --resume compares)
+    assert PretrainConfig(**asdict(cfg)) == cfg and PretrainConfig(**asdict(bert)) == bert
+    assert set(RECIPES["budget"]) == set(RECIPES["bert"])
+    assert all(p.exists() for p in DEFAULT_CORPUS)
+
+
+def test_recipe_flags_from_the_command_line(capsys):
+    from minibert.pretrain import PretrainConfig
+    from minibert.toolkit import parse_config
+
+    cfg = parse_config(PretrainConfig, ["--recipe", "bert", "--mlm-prob", "0.3"], "pretrain", "")
+    assert (cfg.nsp, cfg.mlm_prob, cfg.seq_len) == (True, 0.3, 128)
+    assert pretrain.main(["--nsp", "--no-nsp"]) == 1
+    assert "--nsp and --no-nsp contradict each other" in capsys.readouterr().err
