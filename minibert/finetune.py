@@ -18,7 +18,8 @@ checked across the files, so a typo in the test file stops the run at once, nami
 Writes a run folder --out: model/ (Hugging Face-format folder + label map + tokenizer; what
 `python -m minibert.predict --model OUT` reads), metrics.json ({"dev": {...}, "test": {...}}),
 metrics.jsonl (the training log), training_curve.png, confusion_matrix.png, test_predictions.tsv,
-run_config.json and train_state.pt (for --resume).
+run_config.json and train_state.pt (for --resume); with --tensorboard also tensorboard/ (the
+metrics.jsonl records as scalars, `tensorboard --logdir OUT/tensorboard`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -46,9 +48,9 @@ from .strategies import FGM, STRATEGIES, Strategy
 from .tabular import BadRowError, DataError, LabelMap, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
-    KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field, grad_scaler,
-    load_train_state, optimizer_step, pick_device, plot_curves, prepare_output, resolve_precision, rng_state,
-    save_train_state, seed_everything, set_rng_state, set_threads,
+    KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field,
+    grad_scaler, load_train_state, log_scalars, open_tensorboard, optimizer_step, pick_device, plot_curves,
+    prepare_output, resolve_precision, rng_state, save_train_state, seed_everything, set_rng_state, set_threads,
 )
 
 LOWER_IS_BETTER = ("mse", "mae")
@@ -516,6 +518,7 @@ class Trainer:
     seconds: float = 0.0
     window: Optional[dict] = None  # loss, steps, examples, seconds since the last log line
     log_file: Optional[MetricsLog] = None
+    tb: object = None  # a SummaryWriter with --tensorboard (and the package), else None
 
 
 def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device,
@@ -556,6 +559,9 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
     # everything is checked: from here on the folder holds a run (the next job needs --resume or --overwrite)
     atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     t.log_file = MetricsLog(out / "metrics.jsonl", resume_step=t.step if cfg.resume else None)
+    if not cfg.resume:  # an --overwrite run's curves must not be drawn over the replaced run's
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    t.tb = open_tensorboard(out, cfg.tensorboard)
     t.window = {"loss": torch.zeros((), device=device), "steps": 0, "examples": 0, "seconds": 0.0}
     if state is not None:  # the log line's running mean, so a resumed run logs what the uninterrupted one did
         t.window.update(loss=torch.tensor(state["window"]["loss"], device=device), steps=state["window"]["steps"])
@@ -616,15 +622,19 @@ def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
 
 
 def log_train(t: Trainer, norm: float, parts: dict, bar: tqdm) -> None:
-    """The metrics.jsonl record and the log line: means over the steps since the last one."""
+    """The metrics.jsonl record (and TensorBoard's scalars) and the log line: means over the steps since the
+    last one. The line goes to the caller's log function; print's goes through the bar, so as not to tear it."""
     w = t.window
     lv = w["loss"].item() / w["steps"]
     ms, ex_s = 1e3 * w["seconds"] / w["steps"], w["examples"] / w["seconds"]
     lr = t.sched.get_last_lr()[0]
-    t.log_file.write({"kind": "train", "step": t.step, "loss": lv, "lr": lr, "norm": norm,
-                      **{k: float(v) for k, v in parts.items()}})
-    bar.write(f"step {t.step}/{t.total} | loss {lv:.4f} | norm {norm:.2f} | lr {lr:.2e} | "
-              f"{ms:.0f} ms/step | {ex_s:.1f} ex/s")
+    rec = {"kind": "train", "step": t.step, "loss": lv, "lr": lr, "norm": norm,
+           **{k: float(v) for k, v in parts.items()}}
+    t.log_file.write(rec)
+    log_scalars(t.tb, rec)
+    say = bar.write if t.log is print else t.log
+    say(f"step {t.step}/{t.total} | loss {lv:.4f} | norm {norm:.2f} | lr {lr:.2e} | "
+        f"{ms:.0f} ms/step | {ex_s:.1f} ex/s")
     w.update(loss=torch.zeros((), device=t.device), steps=0, examples=0, seconds=0.0)
 
 
@@ -638,7 +648,9 @@ def evaluate_and_keep(t: Trainer) -> bool:
     with autocast(cfg.precision, t.device):
         scores = score_items(t.learner.model, t.learner.inputs, dev.items, cfg.eval_batch_size, t.device)
     d = evaluate(scores, dev.y, t.data.label_map)
-    t.log_file.write({"kind": "eval", "step": t.step, **{f"dev_{k}": v for k, v in d.items() if isinstance(v, float)}})
+    rec = {"kind": "eval", "step": t.step, **{f"dev_{k}": v for k, v in d.items() if isinstance(v, float)}}
+    t.log_file.write(rec)
+    log_scalars(t.tb, rec)
     t.log(f"eval step {t.step}: dev " + " ".join(f"{k} {v:.4f}" for k, v in d.items() if isinstance(v, float)))
     if t.keep.update(d[t.metric], t.step):
         t.learner.save(t.out)
@@ -693,6 +705,8 @@ def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, de
             if stopped:
                 break
     bar.close()
+    if t.tb is not None:
+        t.tb.close()
     if stopped:  # like pretrain: the state is saved, the command exits 130 (cli_main), a search stops too
         log(f"stopped at step {t.step}; state saved in {out} (continue with --resume)")
         raise KeyboardInterrupt

@@ -7,12 +7,15 @@ Issue 14 Part B: a run never writes into its --init nor replaces a finished run 
 --overwrite; --resume continues a killed run to the same weights and refuses changed data or
 schedule; labels, bad rows and options are checked before the first step, each error one line.
 A new strategy is one class in the table (a BitFit written in the test runs unchanged).
+--tensorboard writes the metrics.jsonl records as scalars (read back with TensorBoard's own reader),
+or, without the package, says so in one line before training; step lines go to a caller's log function.
 The real-data check (MiniLM on SST-2, a few minutes) is marked slow:
     pytest -m slow tests/test_finetune.py
 """
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -547,3 +550,49 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
     assert finetune.main(base + ["--out", str(d / "manual"), "--lr", "2e-5", "--epochs", "1"]) == 0
     manual = json.loads((d / "manual" / "run_config.json").read_text())
     assert (manual["lr"], manual["epochs"]) == (2e-5, 1.0)
+
+
+EVAL_TAGS = {f"eval/dev_{k}" for k in ("accuracy", "f1", "precision", "recall", "macro_f1", "weighted_f1")}
+
+
+def test_tensorboard_holds_the_metrics_records_and_an_overwrite_replaces_them(env, capsys):
+    pytest.importorskip("torch.utils.tensorboard")  # needs the tensorboard package
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = env["dir"] / "tb"
+    for extra in ([], ["--overwrite"]):  # the second run must not leave the first one's curves beside its own
+        run(env, "tb", "--tensorboard", *extra, data=("train", "dev"))
+        events = EventAccumulator(str(out / "tensorboard")).Reload()
+        assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "train/norm"} | EVAL_TAGS
+        recs = records(out)
+        for kind, key in (("train", "loss"), ("train", "lr"), ("eval", "dev_accuracy")):
+            logged = [(r["step"], r[key]) for r in recs if r["kind"] == kind]
+            shown = [(e.step, e.value) for e in events.Scalars(f"{kind}/{key}")]
+            assert [s for s, _ in shown] == [s for s, _ in logged]  # 2 epochs of 6 steps: train 2..12, eval 6, 12
+            assert [v for _, v in shown] == pytest.approx([v for _, v in logged], rel=1e-6)  # stored as float32
+    assert len(events.Scalars("train/loss")) == 6 and len(events.Scalars("eval/dev_accuracy")) == 2
+    # the CLI still prints its step lines on stdout
+    assert "step 12/12 | loss " in capsys.readouterr().out
+
+
+def test_tensorboard_without_the_package_is_a_note_before_training_and_step_lines_go_to_log(env, capsys, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails as without the package
+    cfg = finetune.FinetuneConfig(init=env["init"], train=env["train"], dev=env["dev"], out=str(tmp_path / "run"),
+                                  epochs=1, batch_size=8, max_len=32, lr=1e-3, progress=False, log_every=2, threads=1,
+                                  tensorboard=True)
+    lines, err_before_first_step = [], []
+
+    def log(line):
+        if line.startswith("step ") and not err_before_first_step:
+            err_before_first_step.append(capsys.readouterr().err)
+        lines.append(line)
+
+    finetune.run(cfg, log=log)
+    note = err_before_first_step[0] + capsys.readouterr().err
+    assert note.startswith("note: --tensorboard needs the tensorboard package") and note.count("\n") == 1, note
+    assert err_before_first_step[0] == note  # said before the first step, not at the end
+    assert not (tmp_path / "run" / "tensorboard").exists()
+    # the step lines went to the log function, none to stdout (a notebook needs no redirect_stdout)
+    assert [ln.split(" | ")[0] for ln in lines if ln.startswith("step ")] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert capsys.readouterr().out == ""
