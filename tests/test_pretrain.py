@@ -474,14 +474,14 @@ def test_help_documents_every_option():
 
 
 @pytest.mark.slow
-def test_default_command_beats_the_baseline_in_under_5_minutes(tmp_path):
+def test_default_command_beats_the_baseline(tmp_path):
     """`python -m minibert.pretrain` with no arguments (run: pytest -m slow tests/test_pretrain.py)."""
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     final = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert final["mlm_acc"] > 2 * final["baseline_acc"]
+    assert final["mlm_acc"] > 3 * final["baseline_acc"]  # past the frequent-token plateau (8.9x measured)
     assert "most-frequent-token baseline" in r.stdout
     print(f"default run: {time.time() - t0:.0f}s wall, held-out MLM acc {final['mlm_acc']:.3f} vs baseline {final['baseline_acc']:.3f}")
 
@@ -518,3 +518,28 @@ def test_recipe_flags_from_the_command_line(capsys):
     assert (cfg.nsp, cfg.mlm_prob, cfg.seq_len) == (True, 0.3, 128)
     assert pretrain.main(["--nsp", "--no-nsp"]) == 1
     assert "--nsp and --no-nsp contradict each other" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_walk_through_pretraining_pays(tmp_path):
+    """The README's two commands, then the same fine-tuning from random weights, over three
+    fine-tuning seeds: the pretrained model must reach 85% on data/sentiment/test.tsv and beat
+    random weights by 3 points (issue 15). About 10 minutes on 2 idle cores (run: pytest -m slow
+    tests/test_pretrain.py -k walk_through)."""
+    run = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "pre"),
+                          "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = ["--train", "data/sentiment/train.tsv", "--dev", "data/sentiment/dev.tsv", "--test", "data/sentiment/test.tsv"]
+    acc = {"pretrained": [], "scratch": []}
+    for seed in (0, 1, 2):
+        for kind, extra in (("pretrained", []), ("scratch", ["--from-scratch"])):
+            out = tmp_path / f"{kind}{seed}"
+            r = subprocess.run([sys.executable, "-m", "minibert.finetune", "--init", str(tmp_path / "pre"), *data,
+                                "--seed", str(seed), "--out", str(out), "--no-progress", *extra],
+                               cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            assert r.returncode == 0, r.stderr[-3000:]
+            acc[kind].append(json.loads((out / "metrics.json").read_text())["test"]["accuracy"])
+    mean = {k: sum(v) / len(v) for k, v in acc.items()}
+    print(f"walk-through: {acc}")
+    assert mean["pretrained"] >= 0.85 and mean["pretrained"] >= mean["scratch"] + 0.03, acc
