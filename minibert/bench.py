@@ -373,6 +373,8 @@ class BenchConfig:
     pruned: list[str] = field([], "--deploy: pruned models (model or run folders), one row each")
     test: Optional[str] = field(None, "--deploy: labelled file (TSV, CSV or JSONL) each row's accuracy is measured on")
     latency_steps: int = field(20, "--deploy: timed rounds at batch 1 (--steps: at --infer-batch-size)")
+    leave_out: list[str] = field([], "--deploy: leave out the rows whose name contains one of these words (e.g. "
+                                 "torchao: its int8 kernels are slow on CPUs without VNNI)")
     compile_int8: bool = field(True, "--deploy: compile the torchao int8 row with frozen weights (a minute or more "
                                "on the CPU); --no-compile-int8 runs it eager, where each int8 matmul goes to "
                                "torch._int_mm, slow on CPUs without VNNI")
@@ -389,8 +391,9 @@ class BenchConfig:
             if self.compare_hf or self.compile or self.fused_kernels or self.precision not in ("auto", "fp32"):
                 raise UserError("--deploy builds its own rows, transformers among them, in fp32 and int8: leave out "
                                 "--compare-hf, --compile, --fused-kernels and --precision")
-        elif self.model or self.student or self.pruned or self.test:
-            raise UserError("--model, --student, --pruned and --test are for the deployment table: add --deploy")
+        elif self.model or self.student or self.pruned or self.test or self.leave_out:
+            raise UserError("--model, --student, --pruned, --test and --leave-out are for the deployment table: add "
+                            "--deploy")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -702,6 +705,9 @@ def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Ser
     _, task = export.load_for_export(str(base), "auto")
     served, skipped = {}, {}
     for name, build in SERVINGS.items():
+        if any(word in name for word in args.leave_out):
+            skipped[name] = "left out (--leave-out)"
+            continue
         try:
             served[name] = build(Source(base, task, tmp, threads, args.compile_int8))
         except Skipped as e:

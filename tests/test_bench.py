@@ -279,6 +279,14 @@ def test_deploy_leaves_out_rows_whose_package_is_missing(deploy_folders, monkeyp
     assert all(r["accuracy"] is None for r in result["rows"])  # no --test
 
 
+def test_deploy_leave_out_drops_the_rows_it_names(deploy_folders):
+    result = deploy(deploy_folders, "--leave-out", "torchao", "ONNX Runtime int8")
+    assert result["skipped"] == {"minibert int8 (torchao)": "left out (--leave-out)",
+                                 "ONNX Runtime int8": "left out (--leave-out)"}
+    names = [r["name"] for r in result["rows"]]
+    assert "minibert fp32" in names and not any("torchao" in n or "int8" in n for n in names)
+
+
 def test_deploy_options_are_checked(capsys):
     assert main(["--model", "x"]) == 1
     assert "add --deploy" in capsys.readouterr().err
