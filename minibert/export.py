@@ -150,7 +150,22 @@ def export_onnx(model: GraphForward, out: Path, output_name: str) -> None:
             input_names=list(INPUT_NAMES), output_names=[output_name], verbose=False,
         )
     registration_log.setLevel(level)
-    atomic_write(out, lambda tmp: program.save(tmp, external_data=False))
+    # Each node carries the Python stack trace that created it: file paths of the machine that
+    # exported, which make the file's bytes depend on where minibert is installed and say nothing
+    # to a runtime. The module path (name_scopes) stays: quantize_int8 reads it.
+    atomic_write(out, lambda tmp: _save_without_stack_traces(program, tmp))
+
+
+def _save_without_stack_traces(program, path: str) -> None:
+    import onnx
+
+    program.save(path, external_data=False)
+    graph = onnx.load(path)
+    for node in [*graph.graph.node, *(n for f in graph.functions for n in f.node)]:
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
+    onnx.save(graph, path)
 
 
 def matmuls_outside_encoder_layers(onnx_file: Path) -> list[str]:
