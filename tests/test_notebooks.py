@@ -37,7 +37,7 @@ CELL_TIMEOUT = int(os.environ.get("MINIBERT_NOTEBOOK_CELL_TIMEOUT", "600"))
 # should take under three minutes alone; the suite runs it beside a second test worker, which
 # costs it 10-15% more CPU time, hence the margin. A notebook that grows past the budget is a
 # failure to fix, not a reason to raise it.
-MAX_CPU_SECONDS = float(os.environ.get("MINIBERT_NOTEBOOK_MAX_CPU_SECONDS", "240"))
+MAX_CPU_SECONDS = float(os.environ.get("MINIBERT_NOTEBOOK_MAX_CPU_SECONDS", "210"))
 CPU_LINE = re.compile(r"notebook ran in \d+ s \((\d+) s of CPU time in this kernel\)")
 
 
