@@ -103,8 +103,9 @@ class PretrainConfig(RunOptions):
                               "checks their content, not their names")
     recipe: str = field("budget", "defaults for --nsp, --mlm-prob, --seq-len, --dropout, --position-init, --max-steps "
                         "and --warmup (a flag given explicitly wins). 'budget': no NSP, 40%% masking, 64 tokens, "
-                        "dropout 0, sinusoidal position start, 2400 steps, warmup 240 (the recipe that transferred "
-                        "best from a few CPU minutes; see benchmarks/pretrain_results.md). 'bert': the original "
+                        "dropout 0, sinusoidal position start, 2400 steps, warmup 240; with --time-budget the same "
+                        "settings over the budget instead of the steps (the recipe that transferred best from a few "
+                        "CPU minutes; see benchmarks/pretrain_results.md). 'bert': the original "
                         "BERT recipe: NSP, 15%% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions, "
                         "600 steps, warmup 60", fixed=True, choices=list(RECIPES))
     tokenizer: Optional[str] = field(None, "reuse this tokenizer (folder, tokenizer.json or vocab.txt) instead of "
@@ -168,7 +169,7 @@ class PretrainConfig(RunOptions):
                                          "step: the schedule depends on the machine's speed", fixed=True)
     lr: float = field(2e-3, "peak learning rate (AdamW)", fixed=True)
     warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
-                                  "--recipe)", fixed=True)
+                                  "--recipe; 10%% of --max-steps when that is given alone)", fixed=True)
     warmup_fraction: float = field(0.1, "with --time-budget: the share of the budget spent in linear warmup",
                                    fixed=True)
     weight_decay: float = field(0.01, "AdamW weight decay (none on biases and LayerNorm)", fixed=True)
@@ -214,6 +215,10 @@ class PretrainConfig(RunOptions):
         if self.nsp and self.no_nsp:
             raise UserError("--nsp and --no-nsp contradict each other: give one")
         recipe = RECIPES[self.recipe]
+        if self.warmup is None and self.max_steps is not None:
+            # --max-steps alone keeps the recipe's shape (10% warmup): its fixed 240 steps of
+            # warmup would never end in a shorter run, and the rate would never decay
+            self.warmup = round(self.max_steps * recipe["warmup"] / recipe["max_steps"])
         for name, value in recipe.items():
             if name not in ("nsp", "dropout") and getattr(self, name) is None:
                 setattr(self, name, value)

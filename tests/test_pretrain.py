@@ -507,6 +507,9 @@ def test_recipe_fills_only_the_flags_left_unset():
     # a saved run_config.json reads back as the same config (what --resume compares)
     assert PretrainConfig(**asdict(cfg)) == cfg and PretrainConfig(**asdict(bert)) == bert
     assert set(RECIPES["budget"]) == set(RECIPES["bert"])
+    # --max-steps alone keeps the recipe's 10% warmup, so a short run still decays to 0
+    assert (PretrainConfig(max_steps=100).warmup, PretrainConfig(recipe="bert", max_steps=50).warmup) == (10, 5)
+    assert PretrainConfig(max_steps=100, warmup=30).warmup == 30
     assert all(p.exists() for p in DEFAULT_CORPUS)
 
 
