@@ -79,18 +79,19 @@ def held_out(run: Path) -> dict:
 
 def linear_probe(run: Path, sst2: Path, random_weights: bool = False) -> dict:
     """What the frozen encoder already knows about the task: logistic regression on its mean-pooled
-    and on its [CLS] final hidden states, trained on the same 4,000 SST-2 rows, scored on test.tsv."""
+    and on its [CLS] final hidden states, trained on a fixed 4,000-row sample of SST-2's train.tsv
+    (the same rows for every encoder), scored on test.tsv."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
 
     from minibert import BertModel, Tokenizer
+    from minibert.tabular import read_labeled
 
     def read(name, n=None):
-        rows = (sst2 / name).read_text(encoding="utf-8").splitlines()[1:]
-        if n:  # a fixed sample, the same for every model
-            rows = [rows[i] for i in sorted(np.random.default_rng(0).permutation(len(rows))[:n])]
-        return [r.split("\t")[0] for r in rows], np.array([int(r.split("\t")[1]) for r in rows])
+        data = read_labeled(sst2 / name)
+        idx = sorted(np.random.default_rng(0).permutation(len(data))[:n]) if n else range(len(data))
+        return [data.texts[i] for i in idx], np.array([int(data.labels[i]) for i in idx])
 
     tok = Tokenizer.from_file(run / "model")
     model = BertModel.from_pretrained(run)
@@ -155,8 +156,9 @@ def main() -> None:
         if args.dapt_minutes:
             text = args.out / "sst2_train_sentences.txt"
             if not text.is_file():  # the sentence column only: labels are never read
-                rows = (args.sst2 / "train.tsv").read_text(encoding="utf-8").splitlines()[1:]
-                sentences = [r.split("\t")[0] for r in rows]
+                from minibert.tabular import read_labeled
+
+                sentences = read_labeled(args.sst2 / "train.tsv").texts
                 docs = ["\n".join(sentences[i : i + 20]) for i in range(0, len(sentences), 20)]
                 text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
             for m in args.dapt_from:
