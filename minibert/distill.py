@@ -31,6 +31,12 @@ Optional transfer from inside the network (TinyBERT, Jiao et al. 2020; MiniLM, W
 
 Both need the teacher's tokenisation in the student (a preset or teacher-layers: student has it).
 
+When only logits are compared (no hidden or attention term), the frozen teacher labels the
+transfer set once before training instead of once per batch (its logits cannot change: eval
+mode, no dropout), and --pack packs the student's batches as minibert.finetune --pack does.
+--alpha 0 trains on the labels alone and never runs the teacher: the baseline that shows what
+the soft targets add.
+
 The transfer set is the training text plus the --unlabeled text (one text per line). Writes a
 run folder --out like minibert.finetune: model/ (what predict reads), metrics.json (dev metrics
 of the kept student and of the teacher, the student's agreement with the teacher and KL to it,
@@ -58,7 +64,7 @@ from .finetune import evaluate, random_batches, read_split
 from .model import PRESETS, BertConfig, BertForSequenceClassification
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
-from .strategies import PlainInputs
+from .strategies import PackedInputs, PlainInputs
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, UserError, autocast, cli_main, field, grad_scaler, optimizer_step, pick_device,
@@ -83,8 +89,11 @@ class DistillConfig(RunOptions):
     skip_bad_rows: bool = field(False, "leave out malformed rows and report their lines, instead of stopping")
     max_len: Optional[int] = field(None, "truncate rows to this many tokens (default: the teacher's tokenizer "
                                    "setting)")
+    pack: bool = field(False, "pack each batch's texts into rows of --max-len instead of padding (same math, fewer "
+                       "FLOPs on short texts; not with --hidden-weight / --attention-weight)")
     temperature: float = field(2.0, "T: softens the teacher's and the student's distributions in the KL term")
-    alpha: float = field(0.5, "weight of the soft (KL) term; 1 - alpha weighs the cross-entropy with the labels")
+    alpha: float = field(0.5, "weight of the soft (KL) term; 1 - alpha weighs the cross-entropy with the labels "
+                         "(0: the labels alone, the teacher unused in training: the baseline for a distilled student)")
     hidden_weight: float = field(0.0, "beta: weight of the hidden-state MSE on mapped layers (0 = off)")
     attention_weight: float = field(0.0, "gamma: weight of the attention KL on mapped layers (0 = off)")
     layer_map: Optional[str] = field(None, "student:teacher layer pairs for the hidden and attention terms, e.g. "
@@ -104,15 +113,18 @@ class DistillConfig(RunOptions):
 # The losses
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, y: Tensor, temperature: float,
+def distillation_loss(student_logits: Tensor, teacher_logits: Optional[Tensor], y: Tensor, temperature: float,
                       alpha: float) -> tuple[Tensor, dict]:
     """alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) * CE(z_s, y), the KL
     averaged over all rows, the CE over the rows whose label is not -100 (0 when there is none).
     Returns (loss, {"soft": KL term before weighting, "hard": CE}) for the log."""
     T = temperature
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)  # (B, C)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)  # (B, C)
-    soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)  # sum p_t (log p_t - log p_s) / B
+    if teacher_logits is None:  # alpha = 0: the labels alone, the baseline a distilled student is measured against
+        soft = student_logits.new_zeros((), dtype=torch.float32)
+    else:
+        log_p_s = F.log_softmax(student_logits.float() / T, dim=-1)  # (B, C)
+        log_p_t = F.log_softmax(teacher_logits.float() / T, dim=-1)  # (B, C)
+        soft = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)  # sum p_t (log p_t - log p_s) / B
     labelled = y != -100
     hard_sum = F.cross_entropy(student_logits.float(), y, ignore_index=-100, reduction="sum")
     hard = hard_sum / labelled.sum().clamp(min=1)
@@ -255,22 +267,33 @@ class Distiller:
     def modules(self) -> list[nn.Module]:
         return [self.student] + ([self.proj] if self.proj is not None else [])
 
-    def loss(self, s_batch: dict, t_batch: dict, y: Tensor) -> tuple[Tensor, dict]:
-        with torch.no_grad():
-            if self.hidden or self.attention:
-                t = forward_states(self.teacher.model, t_batch, self.hidden, self.attention)
-            else:  # the teacher's own inputs: also a prompt-trained teacher
-                t = Pass(self.teacher.inputs.scores(self.teacher.model, t_batch), [], [])
-        s = forward_states(self.student, s_batch, self.hidden, self.attention)
+    def loss(self, s_batch: dict, t: dict | Tensor | None, y: Tensor, packed: bool = False) -> tuple[Tensor, dict]:
+        """t: the teacher's batch, or its logits (B, C), computed once in run() when only logits are compared,
+        or None with alpha = 0 (labels only). packed: s_batch comes from PackedInputs (logits only)."""
+        if t is None:
+            t = Pass(None, [], [])
+        elif isinstance(t, Tensor):
+            t = Pass(t, [], [])
+        else:
+            with torch.no_grad():
+                if self.hidden or self.attention:
+                    t = forward_states(self.teacher.model, t, self.hidden, self.attention)
+                else:  # the teacher's own inputs: also a prompt-trained teacher
+                    t = Pass(self.teacher.inputs.scores(self.teacher.model, t), [], [])
+        if packed:
+            s = Pass(PackedInputs.scores(self.student, s_batch), [], [])
+        else:
+            s = forward_states(self.student, s_batch, self.hidden, self.attention)
         loss, parts = distillation_loss(s.logits, t.logits, y, self.cfg.temperature, self.cfg.alpha)
-        keep = s_batch["attention_mask"]
         if self.hidden:
+            keep = s_batch["attention_mask"]
             pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in self.layer_map]  # the embeddings, then the layers
             proj = self.proj if self.proj is not None else (lambda x: x)
             hid = torch.stack([hidden_mse(proj(s.hidden[i]), t.hidden[j], keep) for i, j in pairs]).mean()
             loss = loss + self.cfg.hidden_weight * hid
             parts["hidden"] = hid.detach()
         if self.attention:
+            keep = s_batch["attention_mask"]
             att = torch.stack([attention_kl(s.attention[i], t.attention[j], keep) for i, j in self.layer_map]).mean()
             loss = loss + self.cfg.attention_weight * att
             parts["attention"] = att.detach()
@@ -293,6 +316,8 @@ def check_config(cfg: DistillConfig) -> None:
     if not (cfg.student in PRESETS or cfg.student.startswith(TEACHER_LAYERS) or Path(cfg.student).exists()):
         raise UserError(f"--student {cfg.student}: not a preset ({', '.join(PRESETS)}), not a folder, and not "
                         f"{TEACHER_LAYERS}I,J,...")
+    if cfg.pack and (cfg.hidden_weight or cfg.attention_weight):
+        raise UserError("--pack compares logits only; it cannot be combined with --hidden-weight / --attention-weight")
     if cfg.epochs < 0 or cfg.batch_size < 1:
         raise UserError(f"need --epochs >= 0 and --batch-size >= 1; got {cfg.epochs:g}, {cfg.batch_size}")
 
@@ -350,6 +375,7 @@ def run(cfg: DistillConfig, log=print) -> dict:
     s_tok.model_max_length = max_len  # saved with the tokenizer, so predict truncates the same way
     s_inputs = PlainInputs(s_tok, max_len)
     s_items, t_items = s_inputs.encode(texts, pairs), teacher.inputs.encode(texts, pairs)
+    s_train = PackedInputs(s_tok, max_len) if cfg.pack else s_inputs  # how training batches are built
     if (cfg.hidden_weight or cfg.attention_weight) and (s_items != t_items or not isinstance(teacher.inputs,
                                                                                                PlainInputs)):
         raise UserError("--hidden-weight / --attention-weight compare token by token: the student needs the "
@@ -376,6 +402,17 @@ def run(cfg: DistillConfig, log=print) -> dict:
         dev_eval = lambda: compare(student, s_inputs, d_items, t_dev, dev.y, teacher, cfg, device)  # noqa: E731
         results["dev_step0"] = dev_eval()
 
+    # The teacher is frozen and in eval mode (no dropout), so its logits for a text are the same at
+    # every step: with logits the only thing compared, they are computed once, length-sorted, instead
+    # of once per epoch inside the loop. The internal transfer terms need its states each step.
+    t_logits = None
+    labels_only = cfg.alpha == 0 and not (distiller.hidden or distiller.attention)  # the teacher is not consulted
+    if not (distiller.hidden or distiller.attention or labels_only):
+        t0 = time.perf_counter()
+        with autocast(cfg.precision, device):
+            t_logits = score_items(teacher.model, teacher.inputs, t_items, cfg.eval_batch_size, device)  # (N, C)
+        log(f"teacher logits for the {len(texts):,} transfer texts in {time.perf_counter() - t0:.1f}s")
+
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
@@ -395,10 +432,11 @@ def run(cfg: DistillConfig, log=print) -> dict:
         m.train()
     while step < total:
         for idx in random_batches(len(texts), cfg.batch_size, g):
-            s_batch = to_device(s_inputs.collate([s_items[i] for i in idx]), device)
-            t_batch = to_device(teacher.inputs.collate([t_items[i] for i in idx]), device)
+            s_batch = to_device(s_train.collate([s_items[i] for i in idx]), device)
+            t = None if labels_only else t_logits[idx].to(device) if t_logits is not None else \
+                to_device(teacher.inputs.collate([t_items[i] for i in idx]), device)
             with autocast(cfg.precision, device):
-                loss, parts = distiller.loss(s_batch, t_batch, y[idx].to(device))
+                loss, parts = distiller.loss(s_batch, t, y[idx].to(device), packed=cfg.pack)
             scaler.scale(loss).backward()
             norm = optimizer_step(opt, sched, scaler, params, cfg.clip)
             step += 1

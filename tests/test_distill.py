@@ -164,6 +164,37 @@ def test_every_transfer_term_is_zero_for_a_student_that_copies_the_whole_teacher
         assert parts[k].item() == pytest.approx(0.0, abs=1e-6), k
 
 
+def test_cached_teacher_logits_and_a_packed_student_give_the_per_step_padded_loss(env):
+    # the training loop's shortcuts (teacher logits computed once; student batches packed) against
+    # the plain path: the teacher run on each padded batch, the student on the same padded batch
+    teacher = Classifier(env["teacher"])
+    student = distill.student_from_teacher_layers(teacher.model, [2, 0]).eval()  # eval: no dropout draws
+    cfg = distill.DistillConfig(temperature=3.0, alpha=0.7)
+    d = distill.Distiller(cfg, teacher, student, [(0, 2), (1, 0)])
+    texts = [t for t, _ in rows(12, 9)] + ["good", "the film was very quite awful and the plot bad"]
+    items = teacher.inputs.encode(texts)
+    y = torch.tensor([0, 1] * 6 + [-100, 1])
+    plain, _ = d.loss(teacher.inputs.collate(items), teacher.inputs.collate(items), y)
+    cached = distill.score_items(teacher.model, teacher.inputs, items, 5, torch.device("cpu"))  # (N, C)
+    packed = distill.PackedInputs(teacher.tok, 32).collate(items)
+    assert packed["input_ids"].shape[0] < len(texts)  # really packed: fewer rows than texts
+    fast, _ = d.loss(packed, cached, y, packed=True)
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-5, abs=1e-6)
+    # alpha = 0 needs no teacher at all: the loss is the cross-entropy over the labelled rows
+    d0 = distill.Distiller(distill.DistillConfig(alpha=0.0), teacher, student, [(0, 2), (1, 0)])
+    labels_only, parts = d0.loss(packed, None, y, packed=True)
+    s_logits = student(**{k: teacher.inputs.collate(items)[k] for k in ("input_ids", "token_type_ids",
+                                                                           "attention_mask")}).logits
+    ce = torch.nn.functional.cross_entropy(s_logits[y != -100], y[y != -100])
+    assert labels_only.item() == pytest.approx(ce.item(), rel=1e-5) and parts["soft"].item() == 0.0
+
+
+def test_a_packed_run_trains_on_cached_teacher_logits(env):
+    m = run(env, "packed", "--student", "teacher-layers:1", "--pack", "--epochs", "2", "--lr", "1e-3")
+    assert m["train"]["steps"] == 8  # 32 rows / batch 8, two epochs
+    assert Classifier(env["dir"] / "packed").model.config.num_layers == 1
+
+
 def run(env, out, *extra):
     argv = ["--teacher", env["teacher"], "--train", env["train"], "--dev", env["dev"], "--out", str(env["dir"] / out),
             "--batch-size", "8", "--threads", "1", "--log-every", "2", "--no-progress", *extra]
@@ -200,6 +231,7 @@ def test_hidden_and_attention_transfer_train_through_a_projection_that_is_not_sa
     (["--student", "teacher-layers:0", "--attention-weight", "1", "--layer-map", "0:5"], "--layer-map 0:5"),
     (["--student", "small", "--attention-weight", "1"], "heads"),
     (["--student", "tiny", "--alpha", "2"], "--alpha in [0, 1]"),
+    (["--student", "tiny", "--pack", "--hidden-weight", "1"], "--pack compares logits only"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     argv = ["--teacher", env["teacher"], "--train", env["train"], "--out", str(env["dir"] / "bad"), "--threads", "1",
