@@ -356,7 +356,8 @@ class BenchConfig:
     threads: int = field(0, "CPU threads (0: torch's default, one per core)")
     attn_impl: str = field("sdpa", "minibert's attention backend", choices=list(ATTN_IMPLS))
     fused_kernels: bool = field(False, "minibert's fused ops: add+LayerNorm, bias+GELU, chunked MLM decoder + loss")
-    compile: bool = field(False, "torch.compile minibert's models")
+    compile: bool = field(False, "torch.compile minibert's models (--deploy: one more row, minibert fp32 compiled "
+                          "with frozen weights)")
     compile_hf: bool = field(False, "with --compare-hf: torch.compile transformers' models too (without it, minibert "
                              "compiled meets transformers run as most people run it)")
     steps: int = field(20, "timed steps (per model and task)")
@@ -388,9 +389,10 @@ class BenchConfig:
         if self.deploy:
             if self.model is None:
                 raise UserError("--deploy needs --model (a model folder)")
-            if self.compare_hf or self.compile or self.fused_kernels or self.precision not in ("auto", "fp32"):
+            if self.compare_hf or self.fused_kernels or self.precision not in ("auto", "fp32"):
                 raise UserError("--deploy builds its own rows, transformers among them, in fp32 and int8: leave out "
-                                "--compare-hf, --compile, --fused-kernels and --precision")
+                                "--compare-hf, --fused-kernels and --precision (--compile adds a compiled minibert "
+                                "row)")
         elif self.model or self.student or self.pruned or self.test or self.leave_out:
             raise UserError("--model, --student, --pruned, --test and --leave-out are for the deployment table: add "
                             "--deploy")
@@ -598,6 +600,14 @@ def serve_minibert(src: Source) -> Served:
     return Served(call_graph_forward(model), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
 
 
+def serve_minibert_compiled(src: Source) -> Served:
+    model, _ = export.load_for_export(str(src.folder), src.task)
+    # freezing: the weights become constants, so inductor folds them into prepacked matmul layouts
+    # and fuses the elementwise ops (bias, GELU, residual, LayerNorm) around the matmuls
+    compiled = torch.compile(model, options={"freezing": True})
+    return Served(call_graph_forward(compiled), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
+
+
 def serve_torchao_int8(src: Source) -> Served:
     needs("torchao")
     from .quantize import quantize_int8
@@ -646,6 +656,7 @@ SERVINGS: dict[str, Callable[[Source], Served]] = {
     "ONNX Runtime int8": partial(serve_onnx, int8=True),
 }
 AGREEMENT_REFERENCE = "minibert fp32"  # the predictions every row is compared with
+COMPILED_ROW = "minibert fp32 (compiled)"  # the row --deploy --compile adds
 
 
 def random_inputs(vocab_size: int, rows: int, seq_len: int, gen: torch.Generator) -> Batch:
@@ -712,6 +723,8 @@ def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Ser
             served[name] = build(Source(base, task, tmp, threads, args.compile_int8))
         except Skipped as e:
             skipped[name] = str(e)
+        if name == "minibert fp32" and args.compile:
+            served[COMPILED_ROW] = serve_minibert_compiled(Source(base, task, tmp, threads))
     for kind, folders in (("pruned", args.pruned), ("student", args.student)):
         for folder in folders:
             resolved = resolve_model_dir(folder)

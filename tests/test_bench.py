@@ -287,6 +287,35 @@ def test_deploy_leave_out_drops_the_rows_it_names(deploy_folders):
     assert "minibert fp32" in names and not any("torchao" in n or "int8" in n for n in names)
 
 
+def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_folders):
+    # --deploy --compile's row: inductor with frozen weights, at two batch shapes (the second one
+    # recompiles with dynamic sizes, as the table's batch-1 and --test calls do)
+    import minibert.bench as bench
+
+    src = bench.Source(deploy_folders["model"], "classifier", deploy_folders["model"], threads=1)
+    eager, compiled = bench.serve_minibert(src), bench.serve_minibert_compiled(src)
+    gen = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for rows, T in ((4, 16), (3, 11)):
+            b = bench.random_inputs(eager.vocab_size, rows, T, gen)
+            b["attention_mask"][0, T // 2:] = 0  # a padded row
+            want, got = eager.forward(b), compiled.forward(b)
+            assert got.shape == want.shape == (rows, 2)
+            # the fixture's N(0, 1) weights give logits of several units; fused kernels sum in another
+            # order, so fp32 rounding differs at about 1e-5 of the logits' size (1e-4 allowed)
+            torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+def test_deploy_compile_adds_the_compiled_row_after_eager_minibert(deploy_folders, monkeypatch):
+    import minibert.bench as bench
+
+    seen = []
+    monkeypatch.setattr(bench.torch, "compile", lambda model, **kw: seen.append(kw) or model)  # no real compile
+    result = deploy(deploy_folders, "--compile", "--leave-out", "torchao", "ONNX", "transformers")
+    names = [r["name"] for r in result["rows"]]
+    assert names[:2] == ["minibert fp32", "minibert fp32 (compiled)"] and seen == [{"options": {"freezing": True}}]
+
+
 def test_deploy_options_are_checked(capsys):
     assert main(["--model", "x"]) == 1
     assert "add --deploy" in capsys.readouterr().err
