@@ -103,6 +103,11 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write(path, write)
 
 
+def atomic_copy(src: PathLike, dst: PathLike) -> None:
+    """Copy a file so that dst is never seen half-written: the old file or the whole new one."""
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def atomic_torch_save(obj, path: PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

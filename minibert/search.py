@@ -15,12 +15,11 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, replace
 from typing import Optional
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_copy, atomic_write_text
 from .finetune import LOWER_IS_BETTER, FinetuneConfig, check_config, read_data, resolve_init, run, test_model
 from .toolkit import UserError, cli_main, pick_device, prepare_output
 
@@ -64,10 +63,13 @@ def search(cfg: FinetuneConfig, log=print) -> dict:
     atomic_write_text(out / "search.json", json.dumps({"trials": rows, "best": best}, indent=2) + "\n")
     # the chosen trial becomes the run's result
     src = out / "trials" / f"{best['trial']:02d}"
-    shutil.copytree(src / "model", out / "model", dirs_exist_ok=True)
+    # file by file, each in one rename: an interrupted copy leaves every file whole (old or new)
+    for f in sorted((src / "model").rglob("*")):
+        if f.is_file():
+            atomic_copy(f, out / "model" / f.relative_to(src / "model"))
     for name in ("metrics.jsonl", "training_curve.png", "confusion_matrix.png"):
         if (src / name).exists():
-            shutil.copy2(src / name, out / name)
+            atomic_copy(src / name, out / name)
     results = json.loads((src / "metrics.json").read_text())
     results["search"] = {"trials": rows, "best": best}
     results["test"] = test_model(out, data.test, cfg, pick_device(cfg.device)) if data.test is not None else {}

@@ -10,6 +10,7 @@ import shutil
 import stat
 import struct
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,6 +276,27 @@ def test_a_failed_write_says_cannot_write_and_leaves_the_old_file(tmp_path, monk
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the temp file is gone
+
+
+def test_an_interrupted_copy_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    # minibert.search copies its chosen trial's files this way over the run's own
+    from minibert.checkpoint import atomic_copy
+
+    src, dst = tmp_path / "new.bin", tmp_path / "model.bin"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old")
+
+    def half_then_full(a, b):
+        Path(b).write_bytes(Path(a).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", half_then_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        atomic_copy(src, dst)
+    assert dst.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin", "new.bin"]
+    monkeypatch.undo()
+    atomic_copy(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
 
 
 def test_a_disk_full_save_leaves_the_old_model_folder(tmp_path, monkeypatch, tiny_config):
