@@ -86,6 +86,7 @@ def linear_probe(run: Path, sst2: Path, random_weights: bool = False) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from minibert import BertModel, Tokenizer
+    from minibert.strategies import sentence_repr
     from minibert.tabular import read_labeled
 
     def read(name, n=None):
@@ -106,8 +107,8 @@ def linear_probe(run: Path, sst2: Path, random_weights: bool = False) -> dict:
         for i in range(0, len(texts), 256):
             b = tok(texts[i : i + 256], max_length=64)
             h = model(b["input_ids"], b["token_type_ids"], b["attention_mask"])  # (B, T, H)
-            m = b["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
-            out.append(torch.cat([(h * m).sum(1) / m.sum(1), h[:, 0]], dim=-1))  # (B, 2H): mean, [CLS]
+            pooled = [sentence_repr(h, b["attention_mask"], p) for p in ("mean", "cls")]
+            out.append(torch.cat(pooled, dim=-1))  # (B, 2H): mean, [CLS]
         return torch.cat(out).numpy()
 
     (train, y_train), (test, y_test) = read("train.tsv", 4000), read("test.tsv")

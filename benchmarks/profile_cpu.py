@@ -58,25 +58,15 @@ def profile_eager(model, batch: dict, rounds: int) -> tuple[dict[str, float], fl
 
 def profile_onnx(path: Path, batch: dict, rounds: int, threads: int) -> tuple[dict[str, float], float]:
     """Milliseconds per forward, per ONNX op type (ONNX Runtime's node profile), and the wall time."""
-    import onnxruntime as ort
-
-    def session(profiling: bool):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.enable_profiling = profiling
-        opts.profile_file_prefix = str(path.parent / "ort_profile")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    feeds = {i.name: batch[i.name].numpy() for i in session(False).get_inputs()}
-    s = session(False)
+    s = bench.onnx_session(path, threads)  # the session the deployment table times
+    feeds = {i.name: batch[i.name].numpy() for i in s.get_inputs()}
     for _ in range(2):
         s.run(None, feeds)
     t0 = time.perf_counter()
     for _ in range(rounds):
         s.run(None, feeds)
     wall = (time.perf_counter() - t0) / rounds * 1e3
-    s = session(True)
+    s = bench.onnx_session(path, threads, profile_prefix=str(path.parent / "ort_profile"))
     for _ in range(2 + rounds):
         s.run(None, feeds)
     events = json.loads(Path(s.end_profiling()).read_text())
@@ -130,7 +120,8 @@ def main() -> None:
 
     print(f"CPU: {bench.cpu_name()}, {a.threads} threads; torch {torch.__version__}; {a.model}; "
           f"batch {a.batch} x {a.seq}, {a.rounds} rounds; eager attention: {a.attn_impl}\n")
-    kinds = sorted({kind(op) for op in [*eager_ops, *ort_ops]}, key=[k for k, _ in KINDS].__add__(["the rest"]).index)
+    seen = {kind(op) for op in [*eager_ops, *ort_ops]}
+    kinds = [k for k in [*(k for k, _ in KINDS), "the rest"] if k in seen]  # in KINDS' order
     per_kind = {name: defaultdict(float) for name in ("eager", "ort")}
     for name, ops in (("eager", eager_ops), ("ort", ort_ops)):
         for op, ms in ops.items():

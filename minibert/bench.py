@@ -595,17 +595,12 @@ def serve_transformers(src: Source) -> Served:
     return Served(call_graph_forward(model), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
 
 
-def serve_minibert(src: Source) -> Served:
+def serve_minibert(src: Source, compiled: bool = False) -> Served:
     model, _ = export.load_for_export(str(src.folder), src.task)  # eval mode, the graph runtimes' signature
-    return Served(call_graph_forward(model), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
-
-
-def serve_minibert_compiled(src: Source) -> Served:
-    model, _ = export.load_for_export(str(src.folder), src.task)
     # freezing: the weights become constants, so inductor folds them into prepacked matmul layouts
     # and fuses the elementwise ops (bias, GELU, residual, LayerNorm) around the matmuls
-    compiled = torch.compile(model, options={"freezing": True})
-    return Served(call_graph_forward(compiled), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
+    run_as = torch.compile(model, options={"freezing": True}) if compiled else model
+    return Served(call_graph_forward(run_as), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
 
 
 def serve_torchao_int8(src: Source) -> Served:
@@ -621,10 +616,23 @@ def serve_torchao_int8(src: Source) -> Served:
     return Served(call_graph_forward(run_as), buf.tell(), src.folder, model.model.config.vocab_size)
 
 
-def serve_onnx(src: Source, int8: bool) -> Served:
-    needs("onnx", "onnxscript", "onnxruntime")
+def onnx_session(path: Path, threads: int, profile_prefix: Optional[str] = None):
+    """An ONNX Runtime CPU session on `threads` threads, as every timed ONNX row runs; with
+    profile_prefix, its node profiler on (benchmarks/profile_cpu.py)."""
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1  # as many threads as torch
+    # ONNX Runtime's threads spin, busy, for a while after each call, in case another comes; the
+    # row timed next (torch's) would then share the cores with them, so they sleep instead
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def serve_onnx(src: Source, int8: bool) -> Served:
+    needs("onnx", "onnxscript", "onnxruntime")
     fp32 = src.tmp / "fp32.onnx"
     model, task = export.load_for_export(str(src.folder), src.task)
     if not fp32.exists():  # the int8 row quantizes the fp32 row's graph
@@ -633,12 +641,7 @@ def serve_onnx(src: Source, int8: bool) -> Served:
     if int8:
         path = src.tmp / "int8.onnx"
         export.quantize_int8(fp32, path)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = src.threads, 1  # as many threads as torch
-    # ONNX Runtime's threads spin, busy, for a while after each call, in case another comes; the
-    # row timed next (torch's) would then share the cores with them, so they sleep instead
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, src.threads)
     names = [i.name for i in session.get_inputs()]
 
     def forward(b: Batch) -> Tensor:
@@ -724,7 +727,7 @@ def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Ser
         except Skipped as e:
             skipped[name] = str(e)
         if name == "minibert fp32" and args.compile:
-            served[COMPILED_ROW] = serve_minibert_compiled(Source(base, task, tmp, threads))
+            served[COMPILED_ROW] = serve_minibert(Source(base, task, tmp, threads), compiled=True)
     for kind, folders in (("pruned", args.pruned), ("student", args.student)):
         for folder in folders:
             resolved = resolve_model_dir(folder)

@@ -405,13 +405,20 @@ def run(cfg: DistillConfig, log=print) -> dict:
     # The teacher is frozen and in eval mode (no dropout), so its logits for a text are the same at
     # every step: with logits the only thing compared, they are computed once, length-sorted, instead
     # of once per epoch inside the loop. The internal transfer terms need its states each step.
+    per_step = distiller.hidden or distiller.attention  # the teacher's states, batch by batch
+    labels_only = cfg.alpha == 0 and not per_step  # the teacher is not consulted at all
     t_logits = None
-    labels_only = cfg.alpha == 0 and not (distiller.hidden or distiller.attention)  # the teacher is not consulted
-    if not (distiller.hidden or distiller.attention or labels_only):
+    if not per_step and not labels_only:
         t0 = time.perf_counter()
         with autocast(cfg.precision, device):
             t_logits = score_items(teacher.model, teacher.inputs, t_items, cfg.eval_batch_size, device)  # (N, C)
         log(f"teacher logits for the {len(texts):,} transfer texts in {time.perf_counter() - t0:.1f}s")
+
+    def teacher_side(idx: list[int]) -> dict | Tensor | None:
+        """What Distiller.loss takes from the teacher for these rows."""
+        if per_step:
+            return to_device(teacher.inputs.collate([t_items[i] for i in idx]), device)
+        return None if labels_only else t_logits[idx].to(device)
 
     steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
     total = math.ceil(cfg.epochs * steps_per_epoch)
@@ -433,10 +440,8 @@ def run(cfg: DistillConfig, log=print) -> dict:
     while step < total:
         for idx in random_batches(len(texts), cfg.batch_size, g):
             s_batch = to_device(s_train.collate([s_items[i] for i in idx]), device)
-            t = None if labels_only else t_logits[idx].to(device) if t_logits is not None else \
-                to_device(teacher.inputs.collate([t_items[i] for i in idx]), device)
             with autocast(cfg.precision, device):
-                loss, parts = distiller.loss(s_batch, t, y[idx].to(device), packed=cfg.pack)
+                loss, parts = distiller.loss(s_batch, teacher_side(idx), y[idx].to(device), packed=cfg.pack)
             scaler.scale(loss).backward()
             norm = optimizer_step(opt, sched, scaler, params, cfg.clip)
             step += 1

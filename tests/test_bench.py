@@ -293,7 +293,7 @@ def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_fo
     import minibert.bench as bench
 
     src = bench.Source(deploy_folders["model"], "classifier", deploy_folders["model"], threads=1)
-    eager, compiled = bench.serve_minibert(src), bench.serve_minibert_compiled(src)
+    eager, compiled = bench.serve_minibert(src), bench.serve_minibert(src, compiled=True)
     gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for rows, T in ((4, 16), (3, 11)):
