@@ -37,7 +37,10 @@ mode, no dropout), and --pack packs the student's batches as minibert.finetune -
 --alpha 0 trains on the labels alone and never runs the teacher: the baseline that shows what
 the soft targets add.
 
-The transfer set is the training text plus the --unlabeled text (one text per line). Writes a
+The transfer set is the training text plus the --unlabeled text (one text per line) plus, with
+--augment N, N perturbed copies of each training text (Tang et al. 2019; minibert/augment.py).
+Text without a label is where distillation can teach what labels cannot: a student trained on
+the labels alone never sees it. Writes a
 run folder --out like minibert.finetune: model/ (what predict reads), metrics.json (dev metrics
 of the kept student and of the teacher, the student's agreement with the teacher and KL to it,
 at step 0 and at the best evaluation), metrics.jsonl, training_curve.png, run_config.json.
@@ -59,6 +62,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import augment
 from .checkpoint import atomic_write_text, resolve_model_dir
 from .finetune import evaluate, random_batches, read_split
 from .model import PRESETS, BertConfig, BertForSequenceClassification
@@ -83,6 +87,8 @@ class DistillConfig(RunOptions):
     dev: Optional[str] = field(None, "labelled dev file: evaluated every epoch; the best student is kept")
     unlabeled: Optional[str] = field(None, "text file, one text per line, added to the transfer set (the teacher "
                                      "labels it)")
+    augment: int = field(0, "add N perturbed copies of each training text to the transfer set, unlabelled "
+                         "(words masked or replaced, n-grams cut out: minibert/augment.py); the teacher labels them")
     text_col: Optional[str] = field(None, "text column, by name or 0-based index")
     text_pair_col: Optional[str] = field(None, "second text column for sentence pairs")
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)")
@@ -318,6 +324,11 @@ def check_config(cfg: DistillConfig) -> None:
                         f"{TEACHER_LAYERS}I,J,...")
     if cfg.pack and (cfg.hidden_weight or cfg.attention_weight):
         raise UserError("--pack compares logits only; it cannot be combined with --hidden-weight / --attention-weight")
+    if cfg.augment < 0:
+        raise UserError(f"--augment must be >= 0, got {cfg.augment}")
+    if cfg.alpha == 0 and (cfg.augment or cfg.unlabeled):
+        raise UserError("--alpha 0 trains on the labels alone, so the unlabelled texts of --augment / --unlabeled "
+                        "would add steps and teach nothing; give --alpha > 0, or leave them out")
     if cfg.epochs < 0 or cfg.batch_size < 1:
         raise UserError(f"need --epochs >= 0 and --batch-size >= 1; got {cfg.epochs:g}, {cfg.batch_size}")
 
@@ -364,8 +375,9 @@ def run(cfg: DistillConfig, log=print) -> dict:
     if dev is not None and dev.y is None:
         raise UserError(f"--dev {cfg.dev}: no label column (name it with --label-col)")
     extra = read_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
-    if extra and train.pairs is not None:
-        raise UserError("--unlabeled holds single texts, but --train has sentence pairs")
+    if (extra or cfg.augment) and train.pairs is not None:
+        raise UserError("--unlabeled and --augment give single texts, but --train has sentence pairs")
+    extra += augment(train.texts, cfg.augment, seed=cfg.seed)
     texts = train.texts + extra
     pairs = train.pairs
     y = torch.cat([train.y, torch.full((len(extra),), -100, dtype=torch.long)])  # -100: the teacher's label only

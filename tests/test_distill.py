@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from minibert import BertConfig, BertForSequenceClassification, Tokenizer
-from minibert import distill
+from minibert import augment, distill
 from minibert.predict import Classifier
 
 
@@ -225,6 +225,17 @@ def test_hidden_and_attention_transfer_train_through_a_projection_that_is_not_sa
     assert m["train"]["steps"] == 4
 
 
+def test_augmented_copies_join_the_transfer_set_unlabelled(env):
+    log = []
+    cfg = distill.DistillConfig(teacher=env["teacher"], student="tiny", train=env["train"], out=str(env["dir"] / "aug"),
+                                augment=2, epochs=1, batch_size=8, threads=1, progress=False)
+    m = distill.run(cfg, log=log.append)
+    n_aug = len(augment.augment([t for t, _ in rows(32, 0)], 2, seed=0))
+    assert 32 < n_aug <= 64
+    assert any(f"transfer set {32 + n_aug:,} texts ({n_aug:,} unlabelled)" in line for line in log), log
+    assert m["train"]["steps"] == math.ceil((32 + n_aug) / 8)
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--student", "huge"], "not a preset"),
     (["--student", "teacher-layers:0,7"], "the teacher has layers 0..2"),
@@ -232,6 +243,8 @@ def test_hidden_and_attention_transfer_train_through_a_projection_that_is_not_sa
     (["--student", "small", "--attention-weight", "1"], "heads"),
     (["--student", "tiny", "--alpha", "2"], "--alpha in [0, 1]"),
     (["--student", "tiny", "--pack", "--hidden-weight", "1"], "--pack compares logits only"),
+    (["--student", "tiny", "--alpha", "0", "--augment", "2"], "--alpha 0 trains on the labels alone"),
+    (["--student", "tiny", "--augment", "-1"], "--augment must be >= 0"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     argv = ["--teacher", env["teacher"], "--train", env["train"], "--out", str(env["dir"] / "bad"), "--threads", "1",
