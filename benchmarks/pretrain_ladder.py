@@ -56,7 +56,7 @@ def pretrain(args, name: str, extra: list[str]) -> Path:
 
 
 def finetune(args, init: Path, name: str, seed: int, scratch: bool) -> dict:
-    name = ("" if args.train_limit else "full-") + name
+    name = args.prefix + name
     out = args.out / "ft" / f"{name}-s{seed}"
     if not (out / "metrics.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +142,8 @@ def main() -> None:
                     "named full-*)")
     ap.add_argument("--finetune-args", default="", help="more finetune flags, e.g. '--epochs 1 --eval-every 400' "
                     "for the full training set")
+    ap.add_argument("--tag", default="", help="name this fine-tuning setting's runs and table TAG-* (default: "
+                    "none for 4,000 rows, full- for all), so runs with other --finetune-args sit beside them")
     ap.add_argument("--probe", action="store_true", help="also a linear probe of each frozen encoder (and of "
                     "random weights) on the 4,000 rows: what pretraining put in the features (needs scikit-learn)")
     ap.add_argument("--device", default="cpu")
@@ -149,6 +151,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.prefix = f"{args.tag}-" if args.tag else "" if args.train_limit else "full-"
     name = lambda m: f"p{m:g}"  # noqa: E731
     rungs = {name(m): args.out / name(m) for m in args.minutes}
     if args.run:
@@ -169,7 +172,7 @@ def main() -> None:
     rungs.update({k: args.out / k for k in dapt})
     first = next(iter(rungs.values()))
     rows, points, dapt_points = [], [], []
-    pre = "" if args.train_limit else "full-"  # finetune() names the full-set runs so
+    pre = args.prefix  # how finetune() names the runs
     scratch = [finetune(args, first, "scratch", s, True)["test"]["accuracy"] for s in SEEDS] \
         if args.run or all((args.out / "ft" / f"{pre}scratch-s{s}" / "metrics.json").is_file() for s in SEEDS) else []
     if scratch:
