@@ -15,11 +15,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, replace
 from typing import Optional
 
-from .checkpoint import atomic_copy, atomic_write_text
+from .checkpoint import atomic_copy, atomic_write_text, replace_folder
 from .finetune import LOWER_IS_BETTER, FinetuneConfig, check_config, read_data, resolve_init, run, test_model
 from .toolkit import UserError, cli_main, pick_device, prepare_output
 
@@ -63,10 +64,9 @@ def search(cfg: FinetuneConfig, log=print) -> dict:
     atomic_write_text(out / "search.json", json.dumps({"trials": rows, "best": best}, indent=2) + "\n")
     # the chosen trial becomes the run's result
     src = out / "trials" / f"{best['trial']:02d}"
-    # file by file, each in one rename: an interrupted copy leaves every file whole (old or new)
-    for f in sorted((src / "model").rglob("*")):
-        if f.is_file():
-            atomic_copy(f, out / "model" / f.relative_to(src / "model"))
+    # the whole folder in one swap, as save_pretrained writes it: an interrupted copy leaves the old
+    # model or the new one, never a mix of the two
+    replace_folder(out / "model", lambda tmp: shutil.copytree(src / "model", tmp, dirs_exist_ok=True))
     for name in ("metrics.jsonl", "training_curve.png", "confusion_matrix.png"):
         if (src / name).exists():
             atomic_copy(src / name, out / name)
