@@ -279,7 +279,7 @@ def test_a_failed_write_says_cannot_write_and_leaves_the_old_file(tmp_path, monk
 
 
 def test_an_interrupted_copy_leaves_the_old_file_whole(tmp_path, monkeypatch):
-    # minibert.search copies its chosen trial's files this way over the run's own
+    # minibert.search copies its chosen trial's metrics and plots this way over the run's own
     from minibert.checkpoint import atomic_copy
 
     src, dst = tmp_path / "new.bin", tmp_path / "model.bin"
