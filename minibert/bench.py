@@ -46,6 +46,11 @@ the same (input_ids, attention_mask, token_type_ids) batch:
     transformers fp32         transformers reading the same folder (when it is installed; the
                               reference, built by benchmarks/hf_reference.py as for --compare-hf)
     minibert fp32             eager minibert
+    minibert bf16 (autocast)  eager minibert under CPU bf16 autocast: matmuls in bf16, LayerNorm and
+                              softmax in fp32; only on CPUs with bf16 instructions (AVX512-BF16, AMX)
+    minibert int8 static      minibert.quantize.quantize_int8_static: torch.export + torchao's
+      (torchao PT2E)          X86InductorQuantizer, calibrated on --calibrate's texts, compiled
+                              (oneDNN int8 kernels); left out without --calibrate
     minibert int8 (torchao)   minibert.quantize, compiled with frozen weights (eager, each int8
                               matmul would run torch._int_mm's CPU kernel; see minibert/quantize.py);
                               eager with --no-compile-int8
@@ -88,7 +93,7 @@ from .finetune import FinetuneConfig, read_split
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
 from .optim import build_optimizer
 from .strategies import PlainInputs
-from .tabular import LabelMap
+from .tabular import LabelMap, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import UserError, autocast, cli_main, field, pick_device, resolve_precision, set_threads
 
@@ -356,8 +361,8 @@ class BenchConfig:
     threads: int = field(0, "CPU threads (0: torch's default, one per core)")
     attn_impl: str = field("sdpa", "minibert's attention backend", choices=list(ATTN_IMPLS))
     fused_kernels: bool = field(False, "minibert's fused ops: add+LayerNorm, bias+GELU, chunked MLM decoder + loss")
-    compile: bool = field(False, "torch.compile minibert's models (--deploy: one more row, minibert fp32 compiled "
-                          "with frozen weights)")
+    compile: bool = field(False, "torch.compile minibert's models (--deploy: more rows, minibert fp32 and bf16 "
+                          "compiled with frozen weights)")
     compile_hf: bool = field(False, "with --compare-hf: torch.compile transformers' models too (without it, minibert "
                              "compiled meets transformers run as most people run it)")
     steps: int = field(20, "timed steps (per model and task)")
@@ -366,13 +371,15 @@ class BenchConfig:
     seed: int = field(0, "seed for the weights and the batch")
     json: bool = field(False, "print one JSON object instead of the markdown table")
     deploy: bool = field(False, "the deployment table instead: CPU inference of --model as transformers fp32, "
-                         "minibert fp32, minibert int8 (torchao), ONNX Runtime fp32 and int8, and of each --pruned "
+                         "minibert fp32, bf16 and int8 (torchao), ONNX Runtime fp32 and int8, and of each --pruned "
                          "and --student folder; latency, throughput, size on disk, --test accuracy")
     model: Optional[str] = field(None, "--deploy: the model folder, or a finetune run folder (a classifier, for "
                                  "--test accuracy; an encoder otherwise)")
     student: list[str] = field([], "--deploy: distilled students (model or run folders), one row each")
     pruned: list[str] = field([], "--deploy: pruned models (model or run folders), one row each")
     test: Optional[str] = field(None, "--deploy: labelled file (TSV, CSV or JSONL) each row's accuracy is measured on")
+    calibrate: Optional[str] = field(None, "--deploy: texts (TSV, CSV or JSONL; labels unused) to calibrate the "
+                                     "static int8 row on, 256 rows drawn at random; use training text, not --test")
     latency_steps: int = field(20, "--deploy: timed rounds at batch 1 (--steps: at --infer-batch-size)")
     leave_out: list[str] = field([], "--deploy: leave out the rows whose name contains one of these words (e.g. "
                                  "torchao: its int8 kernels are slow on CPUs without VNNI)")
@@ -393,9 +400,9 @@ class BenchConfig:
                 raise UserError("--deploy builds its own rows, transformers among them, in fp32 and int8: leave out "
                                 "--compare-hf, --fused-kernels and --precision (--compile adds a compiled minibert "
                                 "row)")
-        elif self.model or self.student or self.pruned or self.test or self.leave_out:
-            raise UserError("--model, --student, --pruned, --test and --leave-out are for the deployment table: add "
-                            "--deploy")
+        elif self.model or self.student or self.pruned or self.test or self.leave_out or self.calibrate:
+            raise UserError("--model, --student, --pruned, --test, --calibrate and --leave-out are for the deployment "
+                            "table: add --deploy")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -569,6 +576,7 @@ class Source:
     tmp: Path
     threads: int
     compile_int8: bool = True
+    calibrate: Optional[str] = None  # --calibrate: texts the static int8 row takes its ranges from
 
 
 def needs(*modules: str) -> None:
@@ -603,6 +611,28 @@ def serve_minibert(src: Source, compiled: bool = False) -> Served:
     return Served(call_graph_forward(run_as), weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
 
 
+def bf16_supported() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): without them oneDNN emulates
+    bf16 matmuls in fp32, slower than fp32 itself, so the row would measure nothing useful."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def serve_minibert_bf16(src: Source, compiled: bool = False) -> Served:
+    if not bf16_supported():
+        raise Skipped("this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)")
+    model, _ = export.load_for_export(str(src.folder), src.task)
+    # autocast, not model.to(bfloat16): the matmuls run in bf16, while LayerNorm, softmax and the
+    # residual sums stay fp32, as autocast's CPU op lists decide; the weights stay fp32 on disk and
+    # in memory (compiled with frozen weights, inductor folds their bf16 copies into constants)
+    run_as = torch.compile(model, options={"freezing": True}) if compiled else model
+
+    def forward(b: Batch) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call_graph_forward(run_as)(b).float()
+
+    return Served(forward, weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
+
+
 def serve_torchao_int8(src: Source) -> Served:
     needs("torchao")
     from .quantize import quantize_int8
@@ -614,6 +644,41 @@ def serve_torchao_int8(src: Source) -> Served:
     # frozen weights: inductor generates the int8 matmuls itself instead of calling torch._int_mm
     run_as = torch.compile(model, options={"freezing": True}) if src.compile_int8 else model
     return Served(call_graph_forward(run_as), buf.tell(), src.folder, model.model.config.vocab_size)
+
+
+CALIBRATION_ROWS = 256  # what the static int8 row's ranges are taken from: enough for a stable histogram
+
+
+def read_calibration(path: str, folder: Path, batch_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """CALIBRATION_ROWS texts drawn at random (seed 0) from a TSV, CSV or JSONL file (labels, if
+    any, unused), tokenized for the model in folder, as (input_ids, attention_mask,
+    token_type_ids) batches."""
+    try:
+        data = read_labeled(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--calibrate {path}: cannot read it ({e})") from None
+    tok = Tokenizer.from_pretrained(folder)
+    inputs = PlainInputs(tok, tok.model_max_length)
+    items = inputs.encode(data.texts, data.pairs)
+    pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:CALIBRATION_ROWS].tolist()
+    batches = [inputs.collate([items[i] for i in pick[s : s + batch_size]]) for s in range(0, len(pick), batch_size)]
+    return [(b["input_ids"], b["attention_mask"], b["token_type_ids"]) for b in batches]
+
+
+def serve_int8_static(src: Source) -> Served:
+    needs("torchao")
+    if src.calibrate is None:
+        raise Skipped("needs --calibrate FILE: texts to take the activation ranges from")
+    from .quantize import compile_frozen, quantize_int8_static
+
+    model, _ = export.load_for_export(str(src.folder), src.task)
+    m = quantize_int8_static(model, read_calibration(src.calibrate, src.folder, 32))
+    # the tensors the graph reads (int8 weights, their scales, the fp32 rest), what a user would
+    # store: the module still holds the fp32 originals of the quantized weights, which no node reads
+    used = {n.target for n in m.graph.nodes if n.op == "get_attr"}
+    buf = io.BytesIO()
+    torch.save({k: v for k, v in m.state_dict().items() if k in used}, buf)
+    return Served(call_graph_forward(compile_frozen(m)), buf.tell(), src.folder, model.model.config.vocab_size)
 
 
 def onnx_session(path: Path, threads: int, profile_prefix: Optional[str] = None):
@@ -654,12 +719,17 @@ def serve_onnx(src: Source, int8: bool) -> Served:
 SERVINGS: dict[str, Callable[[Source], Served]] = {
     "transformers fp32": serve_transformers,
     "minibert fp32": serve_minibert,
+    "minibert bf16 (autocast)": serve_minibert_bf16,
+    "minibert int8 static (torchao PT2E)": serve_int8_static,
     "minibert int8 (torchao)": serve_torchao_int8,
     "ONNX Runtime fp32": partial(serve_onnx, int8=False),
     "ONNX Runtime int8": partial(serve_onnx, int8=True),
 }
 AGREEMENT_REFERENCE = "minibert fp32"  # the predictions every row is compared with
-COMPILED_ROW = "minibert fp32 (compiled)"  # the row --deploy --compile adds
+COMPILED_ROWS = {  # the rows --deploy --compile adds, each after the eager row it compiles
+    "minibert fp32": ("minibert fp32 (compiled)", serve_minibert),
+    "minibert bf16 (autocast)": ("minibert bf16 (autocast, compiled)", serve_minibert_bf16),
+}
 
 
 def random_inputs(vocab_size: int, rows: int, seq_len: int, gen: torch.Generator) -> Batch:
@@ -723,11 +793,12 @@ def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Ser
             skipped[name] = "left out (--leave-out)"
             continue
         try:
-            served[name] = build(Source(base, task, tmp, threads, args.compile_int8))
+            served[name] = build(Source(base, task, tmp, threads, args.compile_int8, args.calibrate))
         except Skipped as e:
             skipped[name] = str(e)
-        if name == "minibert fp32" and args.compile:
-            served[COMPILED_ROW] = serve_minibert(Source(base, task, tmp, threads), compiled=True)
+        if args.compile and name in COMPILED_ROWS and name in served:
+            compiled_name, build_compiled = COMPILED_ROWS[name]
+            served[compiled_name] = build_compiled(Source(base, task, tmp, threads), compiled=True)
     for kind, folders in (("pruned", args.pruned), ("student", args.student)):
         for folder in folders:
             resolved = resolve_model_dir(folder)

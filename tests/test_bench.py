@@ -185,9 +185,10 @@ def test_bench_command_errors_are_one_line_and_exit_1(capsys):
 # -- the deployment table (--deploy) -----------------------------------------------------------------
 
 SENTIMENT = ROOT / "data" / "sentiment"
-DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", "minibert int8 (torchao)", "ONNX Runtime fp32",
-                   "ONNX Runtime int8"]
-NEEDS = {"transformers fp32": ["transformers"], "minibert int8 (torchao)": ["torchao"],
+STATIC = "minibert int8 static (torchao PT2E)"  # needs --calibrate too
+DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", "minibert bf16 (autocast)", STATIC,
+                   "minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8"]
+NEEDS = {"transformers fp32": ["transformers"], "minibert int8 (torchao)": ["torchao"], STATIC: ["torchao"],
          "ONNX Runtime fp32": ["onnx", "onnxscript", "onnxruntime"], "ONNX Runtime int8": ["onnx", "onnxscript",
                                                                                            "onnxruntime"]}
 
@@ -240,7 +241,10 @@ def test_deploy_table_has_every_row_and_accuracies_from_each_rows_predictions(de
     out = capsys.readouterr().out
     assert "| | size MiB | batch 1 x 16 ms |" in out and "| batch 4 x 16 seq/s |" in out and "| test accuracy |" in out
     rows = {r["name"]: r for r in result["rows"]}
-    present = [n for n in DEPLOY_RUNTIMES if all(importlib.util.find_spec(m) for m in NEEDS.get(n, []))]
+    import minibert.bench as bench
+
+    present = [n for n in DEPLOY_RUNTIMES if all(importlib.util.find_spec(m) for m in NEEDS.get(n, []))
+               and ("bf16" not in n or bench.bf16_supported()) and n != STATIC]  # no --calibrate here
     assert list(rows) == present + ["pruned: pruned", "student: student"]
     assert sorted(result["skipped"]) == sorted(set(DEPLOY_RUNTIMES) - set(present))
     assert result["test_rows"] == 300 and result["cpu"] in out.splitlines()[0]
@@ -274,17 +278,40 @@ def test_deploy_leaves_out_rows_whose_package_is_missing(deploy_folders, monkeyp
     result = deploy(deploy_folders)
     assert result["skipped"] == {name: 'needs onnxruntime: pip install -e ".[deploy]"' if "ONNX" in name else
                                  'needs torchao: pip install -e ".[deploy]"'
-                                 for name in ("minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8")}
+                                 for name in (STATIC, "minibert int8 (torchao)", "ONNX Runtime fp32",
+                                              "ONNX Runtime int8")}
     assert "left out: ONNX Runtime int8 (needs onnxruntime" in capsys.readouterr().out
     assert all(r["accuracy"] is None for r in result["rows"])  # no --test
 
 
 def test_deploy_leave_out_drops_the_rows_it_names(deploy_folders):
     result = deploy(deploy_folders, "--leave-out", "torchao", "ONNX Runtime int8")
-    assert result["skipped"] == {"minibert int8 (torchao)": "left out (--leave-out)",
+    assert result["skipped"] == {STATIC: "left out (--leave-out)", "minibert int8 (torchao)": "left out (--leave-out)",
                                  "ONNX Runtime int8": "left out (--leave-out)"}
     names = [r["name"] for r in result["rows"]]
     assert "minibert fp32" in names and not any("torchao" in n or "int8" in n for n in names)
+
+
+def test_deploy_calibrate_adds_the_static_int8_row(deploy_folders, capsys):
+    pytest.importorskip("torchao")
+    result = deploy(deploy_folders, "--calibrate", str(SENTIMENT / "train.tsv"), "--test", str(SENTIMENT / "test.tsv"),
+                    "--leave-out", "(torchao)", "ONNX", "transformers", "bf16")
+    rows = {r["name"]: r for r in result["rows"]}
+    assert STATIC in rows and STATIC not in result["skipped"] and f"| {STATIC} |" in capsys.readouterr().out
+    # int8 weights: the encoder layers' matrices shrink 4x, the embeddings stay fp32
+    assert rows[STATIC]["size_bytes"] < rows["minibert fp32"]["size_bytes"]
+    assert 0 < rows[STATIC]["accuracy"] < 1
+
+
+def test_calibration_takes_the_same_random_rows_every_time(deploy_folders):
+    import minibert.bench as bench
+    from minibert.tabular import read_labeled
+
+    path = str(SENTIMENT / "train.tsv")
+    batches = bench.read_calibration(path, deploy_folders["model"], 32)
+    assert sum(len(b[0]) for b in batches) == min(bench.CALIBRATION_ROWS, len(read_labeled(path).texts))
+    again = bench.read_calibration(path, deploy_folders["model"], 32)
+    assert all(torch.equal(x, y) for b, c in zip(batches, again) for x, y in zip(b, c))
 
 
 def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_folders):
@@ -311,9 +338,49 @@ def test_deploy_compile_adds_the_compiled_row_after_eager_minibert(deploy_folder
 
     seen = []
     monkeypatch.setattr(bench.torch, "compile", lambda model, **kw: seen.append(kw) or model)  # no real compile
+    monkeypatch.setattr(bench, "bf16_supported", lambda: True)  # the bf16 rows whatever this CPU has
     result = deploy(deploy_folders, "--compile", "--leave-out", "torchao", "ONNX", "transformers")
     names = [r["name"] for r in result["rows"]]
-    assert names[:2] == ["minibert fp32", "minibert fp32 (compiled)"] and seen == [{"options": {"freezing": True}}]
+    assert names[:4] == ["minibert fp32", "minibert fp32 (compiled)", "minibert bf16 (autocast)",
+                         "minibert bf16 (autocast, compiled)"]
+    assert seen == [{"options": {"freezing": True}}] * 2
+
+
+def test_the_bf16_deploy_row_is_left_out_without_bf16_instructions(deploy_folders, monkeypatch):
+    import minibert.bench as bench
+
+    monkeypatch.setattr(bench, "bf16_supported", lambda: False)
+    result = deploy(deploy_folders, "--leave-out", "torchao", "ONNX", "transformers")
+    assert result["skipped"]["minibert bf16 (autocast)"] == "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)"
+    assert "minibert fp32" in [r["name"] for r in result["rows"]]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_bf16_deploy_row_is_minibert_in_bf16(deploy_folders, tiny_config, tmp_path, monkeypatch, compiled):
+    # autocast on the CPU runs the matmuls in bf16 (8 significant bits) and keeps LayerNorm and
+    # softmax in fp32: the logits differ from fp32's by bf16 rounding (nonzero), and by no more than
+    # a few percent of their size. Without bf16 instructions oneDNN emulates the same arithmetic,
+    # slowly, so the check runs on any CPU. The model has BERT's initialisation: the fixture's
+    # N(0, 1) weights saturate every softmax and would magnify any rounding without bound.
+    import minibert.bench as bench
+    from minibert import BertForSequenceClassification, Tokenizer
+
+    tok = Tokenizer.from_pretrained(deploy_folders["model"])
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(vocab_size=tok.vocab_size, id2label={0: "0", 1: "1"}))
+    model.save_pretrained(tmp_path / "init", tokenizer=tok)
+    monkeypatch.setattr(bench, "bf16_supported", lambda: True)
+    src = bench.Source(tmp_path / "init", "classifier", tmp_path, threads=1)
+    fp32, bf16 = bench.serve_minibert(src), bench.serve_minibert_bf16(src, compiled=compiled)
+    gen = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for rows, T in ((4, 16), (3, 11)):
+            b = bench.random_inputs(fp32.vocab_size, rows, T, gen)
+            b["attention_mask"][0, T // 2:] = 0  # a padded row
+            want, got = fp32.forward(b), bf16.forward(b)
+            assert got.dtype == torch.float32 and got.shape == want.shape == (rows, 2)
+            err = (got - want).abs().max().item()
+            assert 0 < err < 0.05 * want.abs().max().item()
 
 
 def test_deploy_options_are_checked(capsys):
