@@ -93,7 +93,7 @@ from .finetune import FinetuneConfig, read_split
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
 from .optim import build_optimizer
 from .strategies import PlainInputs
-from .tabular import LabelMap, read_labeled
+from .tabular import LabelMap
 from .tokenizer import Tokenizer
 from .toolkit import UserError, autocast, cli_main, field, pick_device, resolve_precision, set_threads
 
@@ -646,25 +646,6 @@ def serve_torchao_int8(src: Source) -> Served:
     return Served(call_graph_forward(run_as), buf.tell(), src.folder, model.model.config.vocab_size)
 
 
-CALIBRATION_ROWS = 256  # what the static int8 row's ranges are taken from: enough for a stable histogram
-
-
-def read_calibration(path: str, folder: Path, batch_size: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """CALIBRATION_ROWS texts drawn at random (seed 0) from a TSV, CSV or JSONL file (labels, if
-    any, unused), tokenized for the model in folder, as (input_ids, attention_mask,
-    token_type_ids) batches."""
-    try:
-        data = read_labeled(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--calibrate {path}: cannot read it ({e})") from None
-    tok = Tokenizer.from_pretrained(folder)
-    inputs = PlainInputs(tok, tok.model_max_length)
-    items = inputs.encode(data.texts, data.pairs)
-    pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:CALIBRATION_ROWS].tolist()
-    batches = [inputs.collate([items[i] for i in pick[s : s + batch_size]]) for s in range(0, len(pick), batch_size)]
-    return [(b["input_ids"], b["attention_mask"], b["token_type_ids"]) for b in batches]
-
-
 def serve_int8_static(src: Source) -> Served:
     needs("torchao")
     if src.calibrate is None:
@@ -672,12 +653,9 @@ def serve_int8_static(src: Source) -> Served:
     from .quantize import compile_frozen, quantize_int8_static
 
     model, _ = export.load_for_export(str(src.folder), src.task)
-    m = quantize_int8_static(model, read_calibration(src.calibrate, src.folder, 32))
-    # the tensors the graph reads (int8 weights, their scales, the fp32 rest), what a user would
-    # store: the module still holds the fp32 originals of the quantized weights, which no node reads
-    used = {n.target for n in m.graph.nodes if n.op == "get_attr"}
+    m = quantize_int8_static(model, export.read_calibration(src.calibrate, src.folder))
     buf = io.BytesIO()
-    torch.save({k: v for k, v in m.state_dict().items() if k in used}, buf)
+    torch.save(m.state_dict(), buf)  # int8 weights, their scales and the fp32 rest, as a user would store them
     return Served(call_graph_forward(compile_frozen(m)), buf.tell(), src.folder, model.model.config.vocab_size)
 
 

@@ -3,6 +3,7 @@
     python -m minibert.export --model runs/sst2 --format onnx --out sst2.onnx
     python -m minibert.export --model runs/sst2 --format onnx --out sst2-int8.onnx --quantize int8
     python -m minibert.export --model runs/sst2 --format pt2 --out encoder.pt2 --task encoder
+    python -m minibert.export --model runs/sst2 --format pt2 --out int8.pt2 --quantize int8 --calibrate train.tsv
 
 What is exported: the forward pass in eval mode, as one graph with three int64 (B, T) inputs
 -- input_ids, attention_mask (1 = token, 0 = padding), token_type_ids -- where the batch size B
@@ -20,7 +21,7 @@ Two formats of the same program:
 The tokenizer is not in the graph: the model folder's tokenizer.json adds [CLS]/[SEP] itself,
 so the `tokenizers` library alone prepares the inputs (tests/test_export.py does exactly that).
 
---quantize int8 (onnx only): ONNX Runtime's dynamic quantization. Each weight matrix of the
+--quantize int8 with --format onnx: ONNX Runtime's dynamic quantization. Each weight matrix of the
 encoder layers is stored as int8 with one scale per output channel; at run time each
 activation gets a uint8 scale from its own range, the matmul runs in integers, and the
 result is scaled back to fp32. Per-channel, because a per-tensor scale is set by the
@@ -28,6 +29,18 @@ largest weight of the whole matrix and leaves the other rows few levels. The poo
 classifier stay fp32: they run once per sequence, not per token, so they cost nothing, and
 the logits read them directly. Attention's activation-by-activation products (scores, mixing)
 stay fp32 as ONNX Runtime's dynamic mode leaves them. For int8 in PyTorch see minibert/quantize.py.
+
+--quantize int8 with --format pt2 (and --calibrate FILE): static int8, minibert.quantize's
+quantize_int8_static: every linear layer's weights int8 per output channel, its input's uint8
+range fixed from 256 calibration texts. The program holds the int8 weights and torch's
+quantize/dequantize ops around fp32 matmuls; compiled with frozen weights it runs oneDNN's int8
+kernels instead, the fast path on CPUs with VNNI or AMX:
+    import torch, torch._inductor.config
+    import torch.ao.quantization.fx._decomposed  # registers the quantize / dequantize ops it calls
+    torch._inductor.config.freezing = True
+    fast = torch.compile(torch.export.load("int8.pt2").module())
+    with torch.inference_mode():
+        logits = fast(input_ids, attention_mask, token_type_ids)
 """
 
 from __future__ import annotations
@@ -61,16 +74,24 @@ class ExportConfig:
     format: str = field("onnx", "onnx: an ONNX graph (ONNX Runtime, no torch needed); pt2: a torch.export program",
                         choices=("onnx", "pt2"))
     out: Optional[str] = field(None, "file to write (.onnx or .pt2)")
-    quantize: str = field("none", "int8: dynamic int8 quantization of the encoder's weight matmuls (onnx only)",
-                          choices=("none", "int8"))
+    quantize: str = field("none", "int8: with onnx, ONNX Runtime's dynamic int8 of the encoder layers' weight "
+                          "matmuls; with pt2, static int8 of every linear layer (torchao's x86 quantizer, ranges "
+                          "from --calibrate)", choices=("none", "int8"))
+    calibrate: Optional[str] = field(None, "--format pt2 --quantize int8: texts (TSV, CSV or JSONL; labels unused) "
+                                     "whose activation ranges fix the int8 scales, 256 rows drawn at random; use "
+                                     "training text")
     task: str = field("auto", "what the graph outputs: encoder (hidden states), classifier (logits), or auto "
                       "(classifier when the folder holds a sequence classifier)", choices=("auto", *TASKS))
 
     def __post_init__(self):
         if not self.model or not self.out:
             raise UserError("give both --model (a model folder) and --out (the file to write)")
-        if self.quantize == "int8" and self.format != "onnx":
-            raise UserError("--quantize int8 needs --format onnx; for int8 in PyTorch use minibert.quantize")
+        if self.quantize == "int8" and self.format == "pt2" and not self.calibrate:
+            raise UserError("--format pt2 --quantize int8 is static int8: give --calibrate FILE, training texts to "
+                            "take the activation ranges from")
+        if self.calibrate and (self.quantize, self.format) != ("int8", "pt2"):
+            raise UserError("--calibrate is for --format pt2 --quantize int8 (ONNX's int8 takes its ranges at run "
+                            "time)")
         if not Path(self.out).parent.resolve().is_dir():
             raise UserError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; create it first")
         if Path(self.out).is_dir():
@@ -126,8 +147,33 @@ def dynamic_shapes(model: GraphForward) -> dict:
     return {name: {0: batch, 1: seq} for name in INPUT_NAMES}
 
 
-def export_pt2(model: GraphForward, out: Path) -> None:
-    program = torch.export.export(model, example_inputs(model), dynamic_shapes=dynamic_shapes(model), strict=False)
+CALIBRATION_ROWS = 256  # what static int8's ranges are taken from: enough for a stable histogram
+
+
+def read_calibration(path: str, folder: Path, batch_size: int = 32) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """CALIBRATION_ROWS texts drawn at random (seed 0) from a TSV, CSV or JSONL file (labels, if
+    any, unused), tokenized for the model in folder, as (input_ids, attention_mask,
+    token_type_ids) batches."""
+    from .strategies import PlainInputs
+    from .tabular import read_labeled
+    from .tokenizer import Tokenizer
+
+    try:
+        data = read_labeled(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--calibrate {path}: cannot read it ({e})") from None
+    tok = Tokenizer.from_pretrained(folder)
+    inputs = PlainInputs(tok, tok.model_max_length)
+    items = inputs.encode(data.texts, data.pairs)
+    pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[:CALIBRATION_ROWS].tolist()
+    batches = [inputs.collate([items[i] for i in pick[s : s + batch_size]]) for s in range(0, len(pick), batch_size)]
+    return [(b["input_ids"], b["attention_mask"], b["token_type_ids"]) for b in batches]
+
+
+def export_pt2(model: GraphForward, out: Path, run_as: Optional[nn.Module] = None) -> None:
+    """Export model (or run_as, a module with model's signature, e.g. its static int8 version)."""
+    program = torch.export.export(run_as if run_as is not None else model, example_inputs(model),
+                                  dynamic_shapes=dynamic_shapes(model), strict=False)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: given a path, torch.export.save wants it to end in .pt2
@@ -217,10 +263,15 @@ def run(cfg: ExportConfig) -> None:
         require("onnxscript", "--format onnx")  # torch.onnx's dynamo exporter is built on it
         require("onnx", "--format onnx")
     if cfg.quantize == "int8":
-        require("onnxruntime", "--quantize int8")
+        require("onnxruntime" if cfg.format == "onnx" else "torchao", "--quantize int8")
     model, task = load_for_export(cfg.model, cfg.task)
     out, output_name = Path(cfg.out), TASKS[task][1]
-    if cfg.format == "pt2":
+    if cfg.format == "pt2" and cfg.quantize == "int8":
+        from .quantize import quantize_int8_static
+
+        calibration = read_calibration(cfg.calibrate, resolve_model_dir(cfg.model))
+        export_pt2(model, out, quantize_int8_static(model, calibration))
+    elif cfg.format == "pt2":
         export_pt2(model, out)
     elif cfg.quantize == "none":
         export_onnx(model, out, output_name)

@@ -127,7 +127,15 @@ def quantize_int8_static(model: nn.Module, calibration: Iterable[tuple[Tensor, T
     with torch.no_grad():
         for batch in (first, *batches):
             observed(*batch)  # the observers record each activation's range
-    return convert_pt2e(observed)
+    converted = convert_pt2e(observed)
+    # the fp32 originals of the quantized weights stay attributes of the module though no node
+    # reads them any more; drop them, or they would be saved and exported beside their int8 copies
+    used = {n.target for n in converted.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in (*converted.named_parameters(), *converted.named_buffers()) if n not in used]:
+        owner, _, attr = name.rpartition(".")
+        delattr(converted.get_submodule(owner), attr)
+    converted.delete_all_unused_submodules()
+    return converted
 
 
 def compile_frozen(module: nn.Module) -> nn.Module:

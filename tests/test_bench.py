@@ -303,17 +303,6 @@ def test_deploy_calibrate_adds_the_static_int8_row(deploy_folders, capsys):
     assert 0 < rows[STATIC]["accuracy"] < 1
 
 
-def test_calibration_takes_the_same_random_rows_every_time(deploy_folders):
-    import minibert.bench as bench
-    from minibert.tabular import read_labeled
-
-    path = str(SENTIMENT / "train.tsv")
-    batches = bench.read_calibration(path, deploy_folders["model"], 32)
-    assert sum(len(b[0]) for b in batches) == min(bench.CALIBRATION_ROWS, len(read_labeled(path).texts))
-    again = bench.read_calibration(path, deploy_folders["model"], 32)
-    assert all(torch.equal(x, y) for b, c in zip(batches, again) for x, y in zip(b, c))
-
-
 def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_folders):
     # --deploy --compile's row: inductor with frozen weights, at two batch shapes (the second one
     # recompiles with dynamic sizes, as the table's batch-1 and --test calls do)

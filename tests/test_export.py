@@ -238,8 +238,72 @@ def test_int8_graph_quantizes_every_encoder_layer_matmul_and_keeps_pooler_and_cl
 # -- user errors --------------------------------------------------------------------------------------
 
 
+# -- static int8 as a .pt2 program ---------------------------------------------------------------------
+
+SENTIMENT_TRAIN = Path(__file__).resolve().parents[1] / "data" / "sentiment" / "train.tsv"
+
+# The child imports torch only (no minibert, no torchao: the program's quantize / dequantize ops
+# are torch's own, registered by the import the docstring of minibert/export.py names), loads
+# the program and runs it on the batch it is given.
+PT2_CHILD = r"""
+import json, sys
+paths, program, feed, out = json.loads(sys.argv[1])
+sys.path += paths
+try:
+    import minibert
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("minibert is importable: " + minibert.__file__)
+import torch
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops the program calls
+inputs = [torch.tensor(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")]
+with torch.no_grad():
+    torch.save(torch.export.load(program).module()(*inputs), out)
+"""
+
+
+def test_static_int8_pt2_runs_without_minibert_and_computes_what_quantize_int8_static_does(classifier, tok, tmp_path):
+    pytest.importorskip("torchao")
+    from minibert.export import load_for_export, read_calibration
+    from minibert.quantize import quantize_int8_static
+
+    path = tmp_path / "int8.pt2"
+    export("--model", str(classifier), "--format", "pt2", "--quantize", "int8", "--calibrate", str(SENTIMENT_TRAIN),
+           "--out", str(path))
+    b = batch(tok, 7, 0)
+    paths = sorted({str(Path(torch.__file__).parents[1])})
+    feed = {n: b[n].tolist() for n in ("input_ids", "attention_mask", "token_type_ids")}
+    out = tmp_path / "child.pt"
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", PT2_CHILD, json.dumps([paths, str(path), feed, str(out)])],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = torch.load(out, weights_only=True)
+    # the oracle: the same calibration and quantisation in this process, and the fp32 model
+    model, _ = load_for_export(str(classifier), "classifier")
+    int8 = quantize_int8_static(model, read_calibration(str(SENTIMENT_TRAIN), classifier))
+    with torch.no_grad():
+        want = int8(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        fp32 = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.equal(got, fp32)  # int8, not the fp32 program
+    assert (got.argmax(-1) == fp32.argmax(-1)).float().mean() >= 5 / 7
+
+
+def test_calibration_takes_the_same_random_rows_every_time(classifier):
+    from minibert.export import CALIBRATION_ROWS, read_calibration
+    from minibert.tabular import read_labeled
+
+    batches = read_calibration(str(SENTIMENT_TRAIN), classifier)
+    assert sum(len(b[0]) for b in batches) == min(CALIBRATION_ROWS, len(read_labeled(SENTIMENT_TRAIN).texts))
+    assert all(len(b) == 3 and b[0].shape == b[1].shape == b[2].shape for b in batches)
+    again = read_calibration(str(SENTIMENT_TRAIN), classifier)
+    assert all(torch.equal(x, y) for b, c in zip(batches, again) for x, y in zip(b, c))
+
+
 @pytest.mark.parametrize("args, says", [
-    (["--format", "pt2", "--quantize", "int8"], "--quantize int8 needs --format onnx"),
+    (["--format", "pt2", "--quantize", "int8"], "give --calibrate FILE"),
+    (["--calibrate", "train.tsv"], "--calibrate is for --format pt2 --quantize int8"),
     (["--task", "classifier"], "no trained classifier head"),
     (["--out", "no/such/folder/x.onnx"], "does not exist"),
     (["--model", "no/such/model"], "not a folder"),
