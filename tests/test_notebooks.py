@@ -93,7 +93,7 @@ def test_chapter_quotes_the_notebook_numbers(executed):
     assert not problems, f"chapters/{stem}.md:\n" + "\n".join(problems)
     # and the check can fail on this very chapter: a 9 written in front of the first marked value
     text = run_all.chapter_path(stem).read_text(encoding="utf-8")
-    name = next(n for n, _, _ in run_all.markers(text) if n in found)
+    name = next(n for n, *_ in run_all.markers(text) if n in found)
     wrong = text.replace(f"<!--R:{name}-->", f"<!--R:{name}-->9", 1)
     caught = [p for p in run_all.quote_problems(wrong, found) if f"R:{name}" in p]
     assert caught, f"{stem}: a wrong quote of {name} passed the check"
@@ -116,6 +116,19 @@ def test_results_parser():
         run_all.results("RESULT a = 1\nRESULT a = 2\n")
     with pytest.raises(ValueError):
         run_all.results("RESULT a b = 1\n")  # a name with a space would otherwise be skipped silently
+
+
+def test_a_marker_with_a_tolerance_takes_a_nearby_number_of_the_same_unit():
+    found = {"acc": "66.9%", "f1": "0.711", "cm": "[[1, 2], [3, 4]]"}
+    assert run_all.quote_problems("<!--R:acc~0.5-->66.7% and F1 <!--R:f1~0.005-->0.709.", found) == [
+        "chapter: RESULT cm = [[1, 2], [3, 4]] is quoted nowhere (mark the quote: <!--R:cm-->[[1, 2], [3, 4]])"]
+    for wrong in ("<!--R:acc~0.5-->66.3%", "<!--R:acc~0.5-->67.5%", "<!--R:acc~0.5-->66.7 points",
+                  "<!--R:acc~0.5-->about 67%"):
+        problems = run_all.quote_problems(wrong, {"acc": "66.9%"})
+        assert problems and "(within 0.5)" in problems[0], wrong
+    assert run_all.quote_problems("<!--R:acc-->66.7%", {"acc": "66.9%"})  # no tolerance: exact, as before
+    with pytest.raises(ValueError, match="not a number"):
+        run_all.quote_problems("<!--R:cm~1-->[[1, 2], [3, 4]]", found)
 
 
 def test_a_quote_is_checked_at_its_marker_not_anywhere_in_the_chapter():
