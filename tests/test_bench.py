@@ -303,6 +303,18 @@ def test_deploy_calibrate_adds_the_static_int8_row(deploy_folders, capsys):
     assert 0 < rows[STATIC]["accuracy"] < 1
 
 
+def two_padded_batches(vocab_size: int, seed: int):
+    """(rows, batch) at two shapes, each with its first row half padding: the second shape makes a
+    compiled model recompile with dynamic sizes, as the table's batch-1 and --test calls do."""
+    import minibert.bench as bench
+
+    gen = torch.Generator().manual_seed(seed)
+    for rows, T in ((4, 16), (3, 11)):
+        b = bench.random_inputs(vocab_size, rows, T, gen)
+        b["attention_mask"][0, T // 2:] = 0
+        yield rows, b
+
+
 def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_folders):
     # --deploy --compile's row: inductor with frozen weights, at two batch shapes (the second one
     # recompiles with dynamic sizes, as the table's batch-1 and --test calls do)
@@ -310,11 +322,8 @@ def test_the_compiled_deploy_row_computes_what_eager_minibert_computes(deploy_fo
 
     src = bench.Source(deploy_folders["model"], "classifier", deploy_folders["model"], threads=1)
     eager, compiled = bench.serve_minibert(src), bench.serve_minibert(src, compiled=True)
-    gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        for rows, T in ((4, 16), (3, 11)):
-            b = bench.random_inputs(eager.vocab_size, rows, T, gen)
-            b["attention_mask"][0, T // 2:] = 0  # a padded row
+        for rows, b in two_padded_batches(eager.vocab_size, seed=1):
             want, got = eager.forward(b), compiled.forward(b)
             assert got.shape == want.shape == (rows, 2)
             # the fixture's N(0, 1) weights give logits of several units; fused kernels sum in another
@@ -361,11 +370,8 @@ def test_the_bf16_deploy_row_is_minibert_in_bf16(deploy_folders, tiny_config, tm
     monkeypatch.setattr(bench, "bf16_supported", lambda: True)
     src = bench.Source(tmp_path / "init", "classifier", tmp_path, threads=1)
     fp32, bf16 = bench.serve_minibert(src), bench.serve_minibert_bf16(src, compiled=compiled)
-    gen = torch.Generator().manual_seed(2)
     with torch.inference_mode():
-        for rows, T in ((4, 16), (3, 11)):
-            b = bench.random_inputs(fp32.vocab_size, rows, T, gen)
-            b["attention_mask"][0, T // 2:] = 0  # a padded row
+        for rows, b in two_padded_batches(fp32.vocab_size, seed=2):
             want, got = fp32.forward(b), bf16.forward(b)
             assert got.dtype == torch.float32 and got.shape == want.shape == (rows, 2)
             err = (got - want).abs().max().item()

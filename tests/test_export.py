@@ -155,16 +155,20 @@ def test_a_batch_of_one_runs_through_both_formats(minilm_graphs, tok):
 # Run with -I -S: -I drops the working directory (the repo) from sys.path; -S skips site-packages'
 # .pth files, among them the one through which an editable install imports minibert. The
 # child then adds back only the folders holding onnxruntime, numpy and tokenizers.
-CHILD = r"""
+# Every child starts by proving it cannot import minibert, with its argv[1] read as JSON into args.
+NO_MINIBERT = r"""
 import json, sys
-paths, tokenizer_json, graph, sentences, out = json.loads(sys.argv[1])
-sys.path += paths
+args = json.loads(sys.argv[1])
+sys.path += args[0]
 try:
     import minibert
 except ModuleNotFoundError:
     pass
 else:
     raise SystemExit("minibert is importable: " + minibert.__file__)
+"""
+CHILD = NO_MINIBERT + r"""
+_, tokenizer_json, graph, sentences, out = args
 import numpy as np
 import onnxruntime
 from tokenizers import Tokenizer
@@ -245,16 +249,8 @@ SENTIMENT_TRAIN = Path(__file__).resolve().parents[1] / "data" / "sentiment" / "
 # The child imports torch only (no minibert, no torchao: the program's quantize / dequantize ops
 # are torch's own, registered by the import the docstring of minibert/export.py names), loads
 # the program and runs it on the batch it is given.
-PT2_CHILD = r"""
-import json, sys
-paths, program, feed, out = json.loads(sys.argv[1])
-sys.path += paths
-try:
-    import minibert
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("minibert is importable: " + minibert.__file__)
+PT2_CHILD = NO_MINIBERT + r"""
+_, program, feed, out = args
 import torch
 import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops the program calls
 inputs = [torch.tensor(feed[n]) for n in ("input_ids", "attention_mask", "token_type_ids")]
