@@ -337,7 +337,7 @@ def cpu_name() -> str:
         info = ""
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     have = [f for f in wanted if f in flags]
     name = name or platform.processor() or platform.machine()
     return f"{name} ({', '.join(have) or 'no AVX2'}; {os.cpu_count()} cores)"
