@@ -95,7 +95,7 @@ from .optim import build_optimizer
 from .strategies import PlainInputs
 from .tabular import LabelMap
 from .tokenizer import Tokenizer
-from .toolkit import UserError, autocast, cli_main, field, pick_device, resolve_precision, set_threads
+from .toolkit import UserError, autocast, cli_main, cpu_info, field, pick_device, resolve_precision, set_threads
 
 # bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
 CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 999
@@ -331,12 +331,8 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
 
 def cpu_name() -> str:
     """The CPU's model name, and the SIMD extensions that decide int8 and bf16 speed."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        info = ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    name, flags = cpu_info()
+    flags = flags or []
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     have = [f for f in wanted if f in flags]
     name = name or platform.processor() or platform.machine()
@@ -624,11 +620,11 @@ def serve_minibert_bf16(src: Source, compiled: bool = False) -> Served:
     # autocast, not model.to(bfloat16): the matmuls run in bf16, while LayerNorm, softmax and the
     # residual sums stay fp32, as autocast's CPU op lists decide; the weights stay fp32 on disk and
     # in memory (compiled with frozen weights, inductor folds their bf16 copies into constants)
-    run_as = torch.compile(model, options={"freezing": True}) if compiled else model
+    run_as = call_graph_forward(torch.compile(model, options={"freezing": True}) if compiled else model)
 
     def forward(b: Batch) -> Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return call_graph_forward(run_as)(b).float()
+            return run_as(b).float()
 
     return Served(forward, weights_bytes(src.folder), src.folder, model.model.config.vocab_size)
 

@@ -47,13 +47,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .toolkit import UserError
+from .toolkit import UserError, cpu_info
 
 
 # logger -> the text of the lines its import logs that say nothing about this use (see quantize_int8)
@@ -99,11 +98,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def cpu_has_vnni() -> bool:
     """Whether the CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume a current CPU
+    _, flags = cpu_info()
+    if flags is None:  # not Linux: assume a current CPU
         return True
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 

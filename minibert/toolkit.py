@@ -232,6 +232,18 @@ def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
 
 
+def cpu_info() -> tuple[str, Optional[list[str]]]:
+    """The CPU's model name and its feature flags, from /proc/cpuinfo ("", None where it cannot be
+    read: not Linux). The flags say which int8 and bf16 instructions (VNNI, AMX) a CPU has."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", None
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return name, flags
+
+
 def set_threads(n: int) -> None:
     """CPU threads torch uses in this process; 0 keeps torch's default (one per core)."""
     if n < 0:
