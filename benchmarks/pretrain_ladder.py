@@ -148,6 +148,9 @@ def main() -> None:
                     "random weights) on the 4,000 rows: what pretraining put in the features (needs scikit-learn)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--pretrain-args", default="", help="more pretrain flags for the rungs, e.g. "
+                    "'--preset mini --lr 1e-3'")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="fine-tuning seeds")
     args = ap.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,8 @@ def main() -> None:
     rungs = {name(m): args.out / name(m) for m in args.minutes}
     if args.run:
         for m in args.minutes:
-            pretrain(args, name(m), ["--corpus", str(args.corpus), "--time-budget", f"{m:g}"])
+            pretrain(args, name(m), ["--corpus", str(args.corpus), "--time-budget", f"{m:g}",
+                                     *shlex.split(args.pretrain_args)])
         if args.dapt_minutes:
             text = args.out / "sst2_train_sentences.txt"
             if not text.is_file():  # the sentence column only: labels are never read
@@ -173,8 +177,8 @@ def main() -> None:
     first = next(iter(rungs.values()))
     rows, points, dapt_points = [], [], []
     pre = args.prefix  # how finetune() names the runs
-    scratch = [finetune(args, first, "scratch", s, True)["test"]["accuracy"] for s in SEEDS] \
-        if args.run or all((args.out / "ft" / f"{pre}scratch-s{s}" / "metrics.json").is_file() for s in SEEDS) else []
+    scratch = [finetune(args, first, "scratch", s, True)["test"]["accuracy"] for s in args.seeds] \
+        if args.run or all((args.out / "ft" / f"{pre}scratch-s{s}" / "metrics.json").is_file() for s in args.seeds) else []
     if scratch:
         m, se = mean_se(scratch)
         rows.append(f"| from scratch (no pretraining) | 0 | | | {' / '.join(f'{100 * a:.1f}' for a in scratch)} | "
@@ -182,8 +186,8 @@ def main() -> None:
     for key, run in rungs.items():
         if not (run / "model").is_dir():
             continue
-        done = [s for s in SEEDS if (args.out / "ft" / f"{pre}{key}-s{s}" / "metrics.json").is_file()]
-        accs = [finetune(args, run, key, s, False)["test"]["accuracy"] for s in (SEEDS if args.run else done)]
+        done = [s for s in args.seeds if (args.out / "ft" / f"{pre}{key}-s{s}" / "metrics.json").is_file()]
+        accs = [finetune(args, run, key, s, False)["test"]["accuracy"] for s in (args.seeds if args.run else done)]
         h = held_out(run)
         label = f"{dapt[key]:g} min on the corpus + {h['minutes']:.0f} on SST-2 sentences" if key in dapt \
             else f"{h['minutes']:.0f} min on the corpus"
@@ -201,9 +205,9 @@ def main() -> None:
             points.append((h["minutes"], m, se))
     table = "\n".join([
         f"SST-2 test accuracy (872 rows), {args.train_limit or 'all'} training rows, fine-tuning seeds "
-        f"{', '.join(map(str, SEEDS))}; mean ± standard error",
+        f"{', '.join(map(str, args.seeds))}; mean ± standard error",
         "",
-        "| pretraining | steps | held-out MLM acc (x baseline) | minutes | test, seeds 0 / 1 / 2 | mean | vs scratch |",
+        f"| pretraining | steps | held-out MLM acc (x baseline) | minutes | test, seeds {' / '.join(map(str, args.seeds))} | mean | vs scratch |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
         *rows])
     (args.out / f"{pre}ladder.md").write_text(table + "\n")
