@@ -186,6 +186,8 @@ def test_bench_command_errors_are_one_line_and_exit_1(capsys):
 
 SENTIMENT = ROOT / "data" / "sentiment"
 STATIC = "minibert int8 static (torchao PT2E)"  # needs --calibrate too
+BF16 = "minibert bf16 (autocast)"
+NO_BF16 = "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)"
 DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", "minibert bf16 (autocast)", STATIC,
                    "minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8"]
 NEEDS = {"transformers fp32": ["transformers"], "minibert int8 (torchao)": ["torchao"], STATIC: ["torchao"],
@@ -275,18 +277,23 @@ def test_deploy_leaves_out_rows_whose_package_is_missing(deploy_folders, monkeyp
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(bench.importlib.util, "find_spec",
                         lambda name, *a: None if name in ("onnxruntime", "torchao") else find_spec(name, *a))
+    monkeypatch.setattr(bench, "bf16_supported", lambda: False)  # the same skips on every CPU
     result = deploy(deploy_folders)
-    assert result["skipped"] == {name: 'needs onnxruntime: pip install -e ".[deploy]"' if "ONNX" in name else
-                                 'needs torchao: pip install -e ".[deploy]"'
-                                 for name in (STATIC, "minibert int8 (torchao)", "ONNX Runtime fp32",
-                                              "ONNX Runtime int8")}
+    assert result["skipped"] == {BF16: NO_BF16} | {
+        name: 'needs onnxruntime: pip install -e ".[deploy]"' if "ONNX" in name else
+        'needs torchao: pip install -e ".[deploy]"'
+        for name in (STATIC, "minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8")}
     assert "left out: ONNX Runtime int8 (needs onnxruntime" in capsys.readouterr().out
     assert all(r["accuracy"] is None for r in result["rows"])  # no --test
 
 
-def test_deploy_leave_out_drops_the_rows_it_names(deploy_folders):
+def test_deploy_leave_out_drops_the_rows_it_names(deploy_folders, monkeypatch):
+    import minibert.bench as bench
+
+    monkeypatch.setattr(bench, "bf16_supported", lambda: False)  # the same skips on every CPU
     result = deploy(deploy_folders, "--leave-out", "torchao", "ONNX Runtime int8")
-    assert result["skipped"] == {STATIC: "left out (--leave-out)", "minibert int8 (torchao)": "left out (--leave-out)",
+    assert result["skipped"] == {BF16: NO_BF16, STATIC: "left out (--leave-out)",
+                                 "minibert int8 (torchao)": "left out (--leave-out)",
                                  "ONNX Runtime int8": "left out (--leave-out)"}
     names = [r["name"] for r in result["rows"]]
     assert "minibert fp32" in names and not any("torchao" in n or "int8" in n for n in names)
@@ -349,7 +356,7 @@ def test_the_bf16_deploy_row_is_left_out_without_bf16_instructions(deploy_folder
 
     monkeypatch.setattr(bench, "bf16_supported", lambda: False)
     result = deploy(deploy_folders, "--leave-out", "torchao", "ONNX", "transformers")
-    assert result["skipped"]["minibert bf16 (autocast)"] == "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)"
+    assert result["skipped"][BF16] == NO_BF16
     assert "minibert fp32" in [r["name"] for r in result["rows"]]
 
 

@@ -80,7 +80,7 @@ def test_static_int8_needs_calibration_text():
 @pytest.mark.real_data
 def test_static_int8_quantizes_every_linear_and_keeps_minilm_close_to_fp32_on_sst2():
     from minibert import export
-    from minibert.quantize import quantize_int8_static
+    from minibert.quantize import cpu_has_vnni, quantize_int8_static
 
     tok = Tokenizer.from_file(MINILM)
     calibration = graph_batches(tok, sst2_sentences("train", 64), 16)  # ranges from training text only
@@ -101,8 +101,11 @@ def test_static_int8_quantizes_every_linear_and_keeps_minilm_close_to_fp32_on_ss
     keep = test[1].bool()
     per_sentence = torch.stack([cos[i][keep[i]].mean() for i in range(len(cos))])
     # one fixed range per activation tensor is coarser than the dynamic path's one per token, yet
-    # holds the same bounds here (measured: mean 0.990, worst sentence 0.987)
-    assert per_sentence.mean() >= 0.98 and per_sentence.min() >= 0.97
+    # holds the same bounds here (measured: mean 0.990, worst sentence 0.987). Without VNNI the
+    # activations get 7 bits (reduce_range): half the resolution, about 4x the squared error
+    # (measured on an AVX2-only CPU: mean 0.964, worst 0.953)
+    mean_bound, worst_bound = (0.98, 0.97) if cpu_has_vnni() else (0.95, 0.94)
+    assert per_sentence.mean() >= mean_bound and per_sentence.min() >= worst_bound
 
 
 def test_compiled_static_int8_computes_what_the_simulated_graph_says(tiny_config):
