@@ -177,8 +177,9 @@ def main() -> None:
     first = next(iter(rungs.values()))
     rows, points, dapt_points = [], [], []
     pre = args.prefix  # how finetune() names the runs
+    have_scratch = all((args.out / "ft" / f"{pre}scratch-s{s}" / "metrics.json").is_file() for s in args.seeds)
     scratch = [finetune(args, first, "scratch", s, True)["test"]["accuracy"] for s in args.seeds] \
-        if args.run or all((args.out / "ft" / f"{pre}scratch-s{s}" / "metrics.json").is_file() for s in args.seeds) else []
+        if args.run or have_scratch else []
     if scratch:
         m, se = mean_se(scratch)
         rows.append(f"| from scratch (no pretraining) | 0 | | | {' / '.join(f'{100 * a:.1f}' for a in scratch)} | "
@@ -207,7 +208,8 @@ def main() -> None:
         f"SST-2 test accuracy (872 rows), {args.train_limit or 'all'} training rows, fine-tuning seeds "
         f"{', '.join(map(str, args.seeds))}; mean ± standard error",
         "",
-        f"| pretraining | steps | held-out MLM acc (x baseline) | minutes | test, seeds {' / '.join(map(str, args.seeds))} | mean | vs scratch |",
+        f"| pretraining | steps | held-out MLM acc (x baseline) | minutes | "
+        f"test, seeds {' / '.join(map(str, args.seeds))} | mean | vs scratch |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
         *rows])
     (args.out / f"{pre}ladder.md").write_text(table + "\n")

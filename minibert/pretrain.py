@@ -166,9 +166,10 @@ class PretrainConfig(RunOptions):
     time_budget: Optional[float] = field(None, "minutes of training (wall clock, evaluations included): warmup and "
                                          "the linear decay to 0 follow elapsed time instead of steps, so the run "
                                          "ends at the budget with the learning rate at 0. Not reproducible step for "
-                                         "step: the schedule depends on the machine's speed. The default tiny preset suits a few "
-                                         "minutes; for an hour, --preset mini --lr 1e-3 transfers better (wider "
-                                         "features, a rate the post-LN mini model trains stably at)", fixed=True)
+                                         "step: the schedule depends on the machine's speed. The default tiny "
+                                         "preset suits a few minutes; for an hour, --preset mini --lr 1e-3 "
+                                         "transfers better (wider features, a rate the post-LN mini model trains "
+                                         "stably at)", fixed=True)
     lr: float = field(2e-3, "peak learning rate (AdamW)", fixed=True)
     warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
                                   "--recipe; 10%% of --max-steps when that is given alone)", fixed=True)

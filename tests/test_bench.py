@@ -188,7 +188,7 @@ SENTIMENT = ROOT / "data" / "sentiment"
 STATIC = "minibert int8 static (torchao PT2E)"  # needs --calibrate too
 BF16 = "minibert bf16 (autocast)"
 NO_BF16 = "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)"
-DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", "minibert bf16 (autocast)", STATIC,
+DEPLOY_RUNTIMES = ["transformers fp32", "minibert fp32", BF16, STATIC,
                    "minibert int8 (torchao)", "ONNX Runtime fp32", "ONNX Runtime int8"]
 NEEDS = {"transformers fp32": ["transformers"], "minibert int8 (torchao)": ["torchao"], STATIC: ["torchao"],
          "ONNX Runtime fp32": ["onnx", "onnxscript", "onnxruntime"], "ONNX Runtime int8": ["onnx", "onnxscript",
