@@ -15,7 +15,8 @@ the same settings), so one set of scratch runs is the baseline for all of them.
 "dapt-pM" continues rung M (each of --dapt-from) for --dapt-minutes on SST-2's training
 sentences used as unlabelled text: domain-adaptive pretraining (the label column is never
 read; the sentence file is written into --out, 20 sentences per document, never into the
-project). Every command is printed before it
+project), at pretrain's rate for --init (5e-4; the third round's tiny runs, which predate that
+default, continued at 2e-3: --dapt-args=--lr=2e-3 repeats them). Every command is printed before it
 runs; a step whose output exists is skipped, so the script resumes. The table
 (ladder.md) and the plot (ladder.png) go to --out (full-ladder.* for the full training set:
 `--train-limit 0 --finetune-args "--epochs 1 --eval-every 400"`).
@@ -150,6 +151,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--pretrain-args", default="", help="more pretrain flags for the rungs, e.g. "
                     "'--preset mini --lr 1e-3'")
+    ap.add_argument("--dapt-args", default="", help="more pretrain flags for the domain-adaptive runs, e.g. "
+                    "'--lr 5e-4' (the rungs' --pretrain-args do not carry over: --init fixes the architecture)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="fine-tuning seeds")
     args = ap.parse_args()
     args.out = args.out.resolve()
@@ -171,7 +174,8 @@ def main() -> None:
                 text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
             for m in args.dapt_from:
                 pretrain(args, "dapt-" + name(m), ["--init", str(rungs[name(m)]), "--corpus", str(text),
-                                                   "--time-budget", f"{args.dapt_minutes:g}"])
+                                                   "--time-budget", f"{args.dapt_minutes:g}",
+                                                   *shlex.split(args.dapt_args)])
     dapt = {"dapt-" + name(m): m for m in args.dapt_from if (args.out / ("dapt-" + name(m)) / "model").is_dir()}
     rungs.update({k: args.out / k for k in dapt})
     first = next(iter(rungs.values()))

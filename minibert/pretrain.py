@@ -87,6 +87,7 @@ DEFAULT_CORPUS = [_DATA / "corpus" / "default_corpus.txt", _DATA / "reviews" / "
 # tokens and fine-tunes no better than random weights. 'bert' is the original recipe
 # (Devlin et al. 2019: NSP, 15% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions)
 # at the former step count. Both train the same standard BERT architecture.
+LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init continues a trained model
 RECIPES = {
     "budget": dict(nsp=False, mlm_prob=0.4, seq_len=64, dropout=0.0, position_init="sinusoidal",
                    max_steps=2400, warmup=240),
@@ -170,7 +171,8 @@ class PretrainConfig(RunOptions):
                                          "preset suits a few minutes; for an hour, --preset mini --lr 1e-3 "
                                          "transfers better (wider features, a rate the post-LN mini model trains "
                                          "stably at)", fixed=True)
-    lr: float = field(2e-3, "peak learning rate (AdamW)", fixed=True)
+    lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g}; with --init {INIT_LR:g}: the "
+                                "weights are already trained, and a from-scratch rate undoes part of it)", fixed=True)
     warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
                                   "--recipe; 10%% of --max-steps when that is given alone)", fixed=True)
     warmup_fraction: float = field(0.1, "with --time-budget: the share of the budget spent in linear warmup",
@@ -227,6 +229,8 @@ class PretrainConfig(RunOptions):
                 setattr(self, name, value)
         if self.dropout is None:
             self.dropout = recipe["dropout"]
+        if self.lr is None:  # continued pretraining (benchmarks/pretrain_results.md, fifth round)
+            self.lr = INIT_LR if self.init else LR
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
         self.no_nsp = not self.nsp
 

@@ -510,6 +510,11 @@ def test_recipe_fills_only_the_flags_left_unset():
     # --max-steps alone keeps the recipe's 10% warmup, so a short run still decays to 0
     assert (PretrainConfig(max_steps=100).warmup, PretrainConfig(recipe="bert", max_steps=50).warmup) == (10, 5)
     assert PretrainConfig(max_steps=100, warmup=30).warmup == 30
+    # continued pretraining starts from trained weights: a quarter of the from-scratch peak rate,
+    # unless --lr says otherwise; the resolved rate is what run_config.json keeps
+    dapt = PretrainConfig(init="runs/p")
+    assert (cfg.lr, dapt.lr, PretrainConfig(init="runs/p", lr=1e-3).lr) == (2e-3, 5e-4, 1e-3)
+    assert PretrainConfig(**asdict(dapt)) == dapt
     assert all(p.exists() for p in DEFAULT_CORPUS)
 
 
