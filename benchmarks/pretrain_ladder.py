@@ -152,7 +152,7 @@ def main() -> None:
     ap.add_argument("--pretrain-args", default="", help="more pretrain flags for the rungs, e.g. "
                     "'--preset mini --lr 1e-3'")
     ap.add_argument("--dapt-args", default="", help="more pretrain flags for the domain-adaptive runs, e.g. "
-                    "'--lr 5e-4' (the rungs' --pretrain-args do not carry over: --init fixes the architecture)")
+                    "'--eval-every 500' (the rungs' --pretrain-args do not carry over: --init fixes the architecture)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="fine-tuning seeds")
     args = ap.parse_args()
     args.out = args.out.resolve()
