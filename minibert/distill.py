@@ -43,7 +43,8 @@ Text without a label is where distillation can teach what labels cannot: a stude
 the labels alone never sees it. Writes a
 run folder --out like minibert.finetune: model/ (what predict reads), metrics.json (dev metrics
 of the kept student and of the teacher, the student's agreement with the teacher and KL to it,
-at step 0 and at the best evaluation), metrics.jsonl, training_curve.png, run_config.json.
+at step 0 and at the best evaluation; the same on --test for the kept student), metrics.jsonl,
+training_curve.png, run_config.json.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class DistillConfig(RunOptions):
                                    "those layers, pooler and head)")
     train: Optional[str] = field(None, "labelled training file: TSV, CSV or JSONL (columns as in minibert.finetune)")
     dev: Optional[str] = field(None, "labelled dev file: evaluated every epoch; the best student is kept")
+    test: Optional[str] = field(None, "labelled test file: the kept student and the teacher are scored on it once, "
+                                "at the end")
     unlabeled: Optional[str] = field(None, "text file, one text per line, added to the transfer set (the teacher "
                                      "labels it)")
     augment: int = field(0, "add N perturbed copies of each training text to the transfer set, unlabelled "
@@ -374,6 +377,9 @@ def run(cfg: DistillConfig, log=print) -> dict:
     dev = read_split(cfg.dev, cfg, teacher.label_map, "--dev")[0] if cfg.dev else None
     if dev is not None and dev.y is None:
         raise UserError(f"--dev {cfg.dev}: no label column (name it with --label-col)")
+    test = read_split(cfg.test, cfg, teacher.label_map, "--test")[0] if cfg.test else None
+    if test is not None and test.y is None:
+        raise UserError(f"--test {cfg.test}: no label column (name it with --label-col)")
     extra = read_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
     if (extra or cfg.augment) and train.pairs is not None:
         raise UserError("--unlabeled and --augment give single texts, but --train has sentence pairs")
@@ -481,6 +487,15 @@ def run(cfg: DistillConfig, log=print) -> dict:
         student.save_pretrained(out / "model", tokenizer=s_tok)
     results.update(dev=best["dev"], train={"steps": step, "seconds": round(time.perf_counter() - t0, 2),
                                            "best_step": best["step"], "device": str(device)})
+    if test is not None:  # the kept student (best on dev), as predict will load it, never chosen on test
+        kept = BertForSequenceClassification.from_pretrained(out / "model").to(device).eval()
+        t_test = teacher.scores(test.texts, test.pairs)  # (N, C)
+        results["teacher_test"] = {k: v for k, v in evaluate(t_test, test.y, teacher.label_map).items()
+                                   if isinstance(v, float)}
+        results["test"] = compare(kept, s_inputs, s_inputs.encode(test.texts, test.pairs), t_test, test.y, teacher,
+                                  cfg, device)
+        log("test: student " + " ".join(f"{k} {v:.4f}" for k, v in results["test"].items())
+            + " | teacher " + " ".join(f"{k} {v:.4f}" for k, v in results["teacher_test"].items()))
     if any(r.get("kind") == "train" for r in log_file.records):
         panels = {"loss": [("train:loss", "loss"), ("train:soft", "KL (soft)"), ("train:hard", "CE (hard)")]}
         if dev is not None:

@@ -68,7 +68,8 @@ def env(tmp_path_factory):
     teacher.save_pretrained(d / "teacher", tokenizer=tok)
     (d / "more.txt").write_text("\n".join(t for t, _ in rows(16, 5)) + "\n\n", encoding="utf-8")
     return {"dir": d, "teacher": str(d / "teacher"), "train": write_tsv(d / "train.tsv", train),
-            "dev": write_tsv(d / "dev.tsv", rows(24, 1)), "more": str(d / "more.txt")}
+            "dev": write_tsv(d / "dev.tsv", rows(24, 1)), "test": write_tsv(d / "test.tsv", rows(40, 2)),
+            "more": str(d / "more.txt")}
 
 
 def test_the_loss_is_alpha_t2_kl_plus_one_minus_alpha_ce_written_out_by_hand():
@@ -190,9 +191,17 @@ def test_cached_teacher_logits_and_a_packed_student_give_the_per_step_padded_los
 
 
 def test_a_packed_run_trains_on_cached_teacher_logits(env):
-    m = run(env, "packed", "--student", "teacher-layers:1", "--pack", "--epochs", "2", "--lr", "1e-3")
+    m = run(env, "packed", "--student", "teacher-layers:1", "--pack", "--epochs", "2", "--lr", "1e-3",
+            "--test", env["test"])
     assert m["train"]["steps"] == 8  # 32 rows / batch 8, two epochs
-    assert Classifier(env["dir"] / "packed").model.config.num_layers == 1
+    student, teacher = Classifier(env["dir"] / "packed"), Classifier(env["teacher"])
+    assert student.model.config.num_layers == 1
+    # --test scores the saved student and the teacher: the accuracies predict gives, counted by hand
+    texts, y = [t for t, _ in rows(40, 2)], torch.tensor([int(label == "pos") for _, label in rows(40, 2)])
+    s_pred, t_pred = student.scores(texts).argmax(-1), teacher.scores(texts).argmax(-1)
+    assert m["test"]["accuracy"] == pytest.approx((s_pred == y).float().mean().item())
+    assert m["teacher_test"]["accuracy"] == pytest.approx((t_pred == y).float().mean().item())
+    assert m["test"]["agreement"] == pytest.approx((s_pred == t_pred).float().mean().item())
 
 
 def run(env, out, *extra):
