@@ -346,13 +346,18 @@ def read_unlabeled(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def float_metrics(scores: Tensor, y: Tensor, teacher: Classifier) -> dict:
+    """evaluate()'s numbers (not its per-class lists), for metrics.json and the log."""
+    return {k: v for k, v in evaluate(scores, y, teacher.label_map).items() if isinstance(v, float)}
+
+
 @torch.no_grad()
 def compare(student: nn.Module, s_inputs, s_items, teacher_scores: Tensor, y: Tensor, teacher: Classifier,
             cfg: DistillConfig, device: torch.device) -> dict:
     """Dev metrics of the student, how often it agrees with the teacher, and KL(teacher || student) at T = 1."""
     with autocast(cfg.precision, device):
         scores = score_items(student, s_inputs, s_items, cfg.eval_batch_size, device)
-    d = {k: v for k, v in evaluate(scores, y, teacher.label_map).items() if isinstance(v, float)}
+    d = float_metrics(scores, y, teacher)
     d["agreement"] = float((scores.argmax(-1) == teacher_scores.argmax(-1)).float().mean())
     d["kl_to_teacher"] = float(F.kl_div(scores.log_softmax(-1), teacher_scores.log_softmax(-1), reduction="batchmean",
                                         log_target=True))
@@ -371,15 +376,15 @@ def run(cfg: DistillConfig, log=print) -> dict:
     if teacher.label_map.is_regression:
         raise UserError(f"--teacher {cfg.teacher}: a regression model; distill imitates class probabilities")
     max_len = cfg.max_len or teacher.tok.model_max_length
-    train = read_split(cfg.train, cfg, teacher.label_map, "--train")[0]
-    if train.y is None:
-        raise UserError(f"--train {cfg.train}: no label column (name it with --label-col)")
-    dev = read_split(cfg.dev, cfg, teacher.label_map, "--dev")[0] if cfg.dev else None
-    if dev is not None and dev.y is None:
-        raise UserError(f"--dev {cfg.dev}: no label column (name it with --label-col)")
-    test = read_split(cfg.test, cfg, teacher.label_map, "--test")[0] if cfg.test else None
-    if test is not None and test.y is None:
-        raise UserError(f"--test {cfg.test}: no label column (name it with --label-col)")
+    def labelled(path: Optional[str], flag: str):
+        if not path:
+            return None
+        split = read_split(path, cfg, teacher.label_map, flag)[0]
+        if split.y is None:
+            raise UserError(f"{flag} {path}: no label column (name it with --label-col)")
+        return split
+
+    train, dev, test = labelled(cfg.train, "--train"), labelled(cfg.dev, "--dev"), labelled(cfg.test, "--test")
     extra = read_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
     if (extra or cfg.augment) and train.pairs is not None:
         raise UserError("--unlabeled and --augment give single texts, but --train has sentence pairs")
@@ -415,8 +420,7 @@ def run(cfg: DistillConfig, log=print) -> dict:
     if dev is not None:
         t_dev = teacher.scores(dev.texts, dev.pairs)  # (N, C), once
         d_items = s_inputs.encode(dev.texts, dev.pairs)
-        results["teacher_dev"] = {k: v for k, v in evaluate(t_dev, dev.y, teacher.label_map).items()
-                                  if isinstance(v, float)}
+        results["teacher_dev"] = float_metrics(t_dev, dev.y, teacher)
         dev_eval = lambda: compare(student, s_inputs, d_items, t_dev, dev.y, teacher, cfg, device)  # noqa: E731
         results["dev_step0"] = dev_eval()
 
@@ -490,8 +494,7 @@ def run(cfg: DistillConfig, log=print) -> dict:
     if test is not None:  # the kept student (best on dev), as predict will load it, never chosen on test
         kept = BertForSequenceClassification.from_pretrained(out / "model").to(device).eval()
         t_test = teacher.scores(test.texts, test.pairs)  # (N, C)
-        results["teacher_test"] = {k: v for k, v in evaluate(t_test, test.y, teacher.label_map).items()
-                                   if isinstance(v, float)}
+        results["teacher_test"] = float_metrics(t_test, test.y, teacher)
         results["test"] = compare(kept, s_inputs, s_inputs.encode(test.texts, test.pairs), t_test, test.y, teacher,
                                   cfg, device)
         log("test: student " + " ".join(f"{k} {v:.4f}" for k, v in results["test"].items())
