@@ -34,6 +34,9 @@ Both need the teacher's tokenisation in the student (a preset or teacher-layers:
 When only logits are compared (no hidden or attention term), the frozen teacher labels the
 transfer set once before training instead of once per batch (its logits cannot change: eval
 mode, no dropout), and --pack packs the student's batches as minibert.finetune --pack does.
+--teacher-cache FILE keeps those logits in a safetensors file keyed by a hash of the teacher's
+weights, the transfer set's token ids and the precision: a rerun that changes only the student
+or its training reads them back instead of running the teacher again.
 --alpha 0 trains on the labels alone and never runs the teacher: the baseline that shows what
 the soft targets add.
 
@@ -50,6 +53,7 @@ training_curve.png, run_config.json.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -61,10 +65,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .augment import augment
-from .checkpoint import atomic_write_text, resolve_model_dir
+from .checkpoint import atomic_write, atomic_write_text, resolve_model_dir
 from .finetune import evaluate, random_batches, read_split
 from .model import PRESETS, BertConfig, BertForSequenceClassification
 from .optim import adamw, param_groups, warmup_linear
@@ -73,7 +79,7 @@ from .strategies import PackedInputs, PlainInputs
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, UserError, autocast, cli_main, field, grad_scaler, optimizer_step, pick_device,
-    plot_curves, prepare_output, seed_everything, set_threads,
+    plot_curves, prepare_output, resolve_precision, seed_everything, set_threads,
 )
 
 
@@ -90,6 +96,10 @@ class DistillConfig(RunOptions):
                                 "at the end")
     unlabeled: Optional[str] = field(None, "text file, one text per line, added to the transfer set (the teacher "
                                      "labels it)")
+    teacher_cache: Optional[str] = field(None, "file for the teacher's logits on the transfer set: read when it was "
+                                         "made for the same teacher weights, texts and precision, else computed "
+                                         "and written there (a rerun with another student, --alpha, "
+                                         "--temperature or --lr skips the labelling)")
     augment: int = field(0, "add N perturbed copies of each training text to the transfer set, unlabelled "
                          "(words masked or replaced, n-grams cut out: minibert/augment.py); the teacher labels them")
     text_col: Optional[str] = field(None, "text column, by name or 0-based index")
@@ -327,6 +337,9 @@ def check_config(cfg: DistillConfig) -> None:
                         f"{TEACHER_LAYERS}I,J,...")
     if cfg.pack and (cfg.hidden_weight or cfg.attention_weight):
         raise UserError("--pack compares logits only; it cannot be combined with --hidden-weight / --attention-weight")
+    if cfg.teacher_cache and (cfg.hidden_weight or cfg.attention_weight):
+        raise UserError("--teacher-cache keeps the teacher's logits; --hidden-weight / --attention-weight need its "
+                        "inner states at every step, so there is nothing to cache")
     if cfg.augment < 0:
         raise UserError(f"--augment must be >= 0, got {cfg.augment}")
     if cfg.alpha == 0 and (cfg.augment or cfg.unlabeled):
@@ -334,6 +347,36 @@ def check_config(cfg: DistillConfig) -> None:
                         "would add steps and teach nothing; give --alpha > 0, or leave them out")
     if cfg.epochs < 0 or cfg.batch_size < 1:
         raise UserError(f"need --epochs >= 0 and --batch-size >= 1; got {cfg.epochs:g}, {cfg.batch_size}")
+
+
+def cache_key(t_dir: Path, t_items: list, precision: str) -> str:
+    """What the teacher's logits depend on: its weights and config, the token ids it reads (the texts
+    after its tokenizer) and the arithmetic. The same key means the same logits, up to the rounding
+    of another device."""
+    h = hashlib.sha256()
+    for f in sorted(t_dir.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".json"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    h.update(precision.encode() + b"\0" + json.dumps(t_items, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def cached_logits(path: Path, key: str, compute, log) -> Tensor:
+    """compute()'s (N, C) logits, or the ones path holds when its key matches. A cache that is
+    missing, unreadable or made for other inputs is (re)computed and written atomically."""
+    if path.exists():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    log(f"teacher logits read from {path}")
+                    return f.get_tensor("logits")
+            log(f"--teacher-cache {path}: made for another teacher, transfer set or precision; recomputing")
+        except Exception as e:  # a truncated or foreign file: the cache is only a shortcut, so rebuild it
+            log(f"--teacher-cache {path}: unreadable ({e}); recomputing")
+    logits = compute().float().contiguous()
+    atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata={"key": key}))
+    log(f"teacher logits written to {path}")
+    return logits
 
 
 def read_unlabeled(path: str) -> list[str]:
@@ -432,8 +475,16 @@ def run(cfg: DistillConfig, log=print) -> dict:
     t_logits = None
     if not per_step and not labels_only:
         t0 = time.perf_counter()
-        with autocast(cfg.precision, device):
-            t_logits = score_items(teacher.model, teacher.inputs, t_items, cfg.eval_batch_size, device)  # (N, C)
+
+        def label() -> Tensor:
+            with autocast(cfg.precision, device):
+                return score_items(teacher.model, teacher.inputs, t_items, cfg.eval_batch_size, device)  # (N, C)
+
+        if cfg.teacher_cache:
+            key = cache_key(t_dir, t_items, resolve_precision(cfg.precision, device))
+            t_logits = cached_logits(Path(cfg.teacher_cache), key, label, log)
+        else:
+            t_logits = label()
         log(f"teacher logits for the {len(texts):,} transfer texts in {time.perf_counter() - t0:.1f}s")
 
     def teacher_side(idx: list[int]) -> dict | Tensor | None:

@@ -245,6 +245,33 @@ def test_augmented_copies_join_the_transfer_set_unlabelled(env):
     assert m["train"]["steps"] == math.ceil((32 + n_aug) / 8)
 
 
+def test_the_teacher_cache_is_reused_only_for_the_same_teacher_and_texts(env):
+    cache = env["dir"] / "logits.safetensors"
+
+    def go(out, **extra):
+        log = []
+        cfg = distill.DistillConfig(teacher=env["teacher"], student="teacher-layers:1", train=env["train"],
+                                    unlabeled=env["more"], out=str(env["dir"] / out), teacher_cache=str(cache),
+                                    epochs=1, batch_size=8, lr=1e-3, threads=1, progress=False, **extra)
+        return distill.run(cfg, log=log.append), log
+
+    m1, log1 = go("c1")
+    assert any("written to" in line for line in log1), log1
+    # the file holds what predict's Classifier gives for the transfer set (training rows, then unlabelled)
+    from safetensors.torch import load_file
+    texts = [t for t, _ in rows(32, 0)] + [t for t, _ in rows(16, 5)]
+    torch.testing.assert_close(load_file(cache)["logits"], Classifier(env["teacher"]).scores(texts),
+                               rtol=0, atol=1e-5)
+    m2, log2 = go("c2")  # read back: the same logits, so the same training to the last bit
+    assert any("read from" in line for line in log2) and not any("written" in line for line in log2), log2
+    assert m2["dev"] == m1["dev"] and m2["train"]["steps"] == m1["train"]["steps"]
+    _, log3 = go("c3", augment=1)  # other texts: recomputed, not silently reused
+    assert any("made for another teacher, transfer set or precision" in line for line in log3), log3
+    cache.write_bytes(cache.read_bytes()[:40])  # truncated: rebuilt
+    _, log4 = go("c4", augment=1)
+    assert any("unreadable" in line for line in log4) and any("written to" in line for line in log4), log4
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--student", "huge"], "not a preset"),
     (["--student", "teacher-layers:0,7"], "the teacher has layers 0..2"),
@@ -254,6 +281,7 @@ def test_augmented_copies_join_the_transfer_set_unlabelled(env):
     (["--student", "tiny", "--pack", "--hidden-weight", "1"], "--pack compares logits only"),
     (["--student", "tiny", "--alpha", "0", "--augment", "2"], "--alpha 0 trains on the labels alone"),
     (["--student", "tiny", "--augment", "-1"], "--augment must be >= 0"),
+    (["--student", "tiny", "--hidden-weight", "1", "--teacher-cache", "x"], "nothing to cache"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     argv = ["--teacher", env["teacher"], "--train", env["train"], "--out", str(env["dir"] / "bad"), "--threads", "1",
