@@ -392,3 +392,27 @@ def test_deploy_options_are_checked(capsys):
     assert "--deploy needs --model" in capsys.readouterr().err
     assert main(["--deploy", "--model", "x", "--compare-hf"]) == 1
     assert "leave out --compare-hf" in capsys.readouterr().err
+
+
+def test_the_gemm_ceiling_times_the_products_it_names():
+    """benchmarks/gemm_ceiling.py bounds the deployment table with one-node ONNX graphs: they must
+    compute the product they are named after (u8 x s8 -> int32 exactly, fp32 to rounding), or the
+    rates it prints would be of some other work. The activations use 7 bits: on CPUs without VNNI
+    the u8 x s8 instruction (vpmaddubsw) saturates the 16-bit sum of two neighbouring products, so
+    with full-range u8 some int32 results are off there (measured on an AVX2-only EPYC); the
+    speed does not depend on the values."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("gemm_ceiling", ROOT / "benchmarks" / "gemm_ceiling.py")
+    gemm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm)
+    rng = np.random.default_rng(1)
+    a8, b8 = rng.integers(0, 128, (64, 48), dtype=np.uint8), rng.integers(-128, 128, (48, 40), dtype=np.int8)
+    (y8,) = gemm.one_node_session("MatMulInteger", a8, b8, threads=1)()
+    assert y8.dtype == np.int32
+    np.testing.assert_array_equal(y8, a8.astype(np.int64) @ b8.astype(np.int64))
+    a32, b32 = rng.standard_normal((64, 48), dtype=np.float32), rng.standard_normal((48, 40), dtype=np.float32)
+    (y32,) = gemm.one_node_session("MatMul", a32, b32, threads=1)()
+    np.testing.assert_allclose(y32, a32.astype(np.float64) @ b32.astype(np.float64), rtol=1e-4, atol=1e-4)
+    assert gemm.rate(lambda: None, ops=1e9, calls=3) > 0
