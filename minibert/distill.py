@@ -126,6 +126,8 @@ class DistillConfig(RunOptions):
     warmup: float = field(0.06, "fraction of steps of linear warmup, then linear decay to 0")
     clip: float = field(1.0, "clip the gradient norm to this (0 = off)")
     log_every: int = field(50, "print a log line every N steps")
+    eval_every: int = field(0, "evaluate on --dev every N steps and keep the best student so far in --out (without "
+                            "--dev: save it every N steps; 0 = after each pass over the transfer set)")
 
 
 # -----------------------------------------------------------------------------
@@ -347,6 +349,8 @@ def check_config(cfg: DistillConfig) -> None:
                         "would add steps and teach nothing; give --alpha > 0, or leave them out")
     if cfg.epochs < 0 or cfg.batch_size < 1:
         raise UserError(f"need --epochs >= 0 and --batch-size >= 1; got {cfg.epochs:g}, {cfg.batch_size}")
+    if cfg.eval_every < 0:
+        raise UserError(f"--eval-every must be >= 0 (0: after each pass), got {cfg.eval_every}")
 
 
 def cache_key(t_dir: Path, t_items: list, precision: str) -> str:
@@ -524,7 +528,8 @@ def run(cfg: DistillConfig, log=print) -> dict:
                 log_file.write(rec)
                 log(f"step {step}/{total} | loss {rec['loss']:.4f} | " + " | ".join(
                     f"{k} {float(v):.4f}" for k, v in parts.items()) + f" | norm {norm:.2f} | lr {rec['lr']:.2e}")
-            if step % steps_per_epoch == 0 or step == total:
+            at_check = step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0
+            if at_check or step == total:
                 if dev_eval is None:
                     student.save_pretrained(out / "model", tokenizer=s_tok)
                 else:

@@ -211,6 +211,20 @@ def run(env, out, *extra):
     return json.loads((env["dir"] / out / "metrics.json").read_text())
 
 
+def test_eval_every_checks_dev_between_passes_and_keeps_the_best_student(env):
+    m = run(env, "every", "--student", "tiny", "--epochs", "2", "--lr", "1e-3", "--eval-every", "3")
+    logged = [json.loads(line) for line in (env["dir"] / "every" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["dev_accuracy"] for r in logged if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 3, 6, 8]  # 32 rows / batch 8 = 4 steps a pass; every 3 steps, and the last
+    best_step = m["train"]["best_step"]
+    assert evals[best_step] == max(evals[s] for s in (3, 6, 8)) and m["dev"]["accuracy"] == evals[best_step]
+    # the saved student is the kept one: its dev accuracy, recomputed from the folder, is the best's
+    dev = rows(24, 1)
+    pred = Classifier(env["dir"] / "every").scores([t for t, _ in dev]).argmax(-1)
+    y = torch.tensor([int(label == "pos") for _, label in dev])
+    assert (pred == y).float().mean().item() == pytest.approx(evals[best_step])
+
+
 def test_a_random_student_imitates_the_teacher_better_after_a_few_steps(env):
     m = run(env, "preset", "--student", "tiny", "--unlabeled", env["more"], "--epochs", "4", "--lr", "1e-3",
             "--alpha", "0.8")
@@ -281,6 +295,7 @@ def test_the_teacher_cache_is_reused_only_for_the_same_teacher_and_texts(env):
     (["--student", "tiny", "--pack", "--hidden-weight", "1"], "--pack compares logits only"),
     (["--student", "tiny", "--alpha", "0", "--augment", "2"], "--alpha 0 trains on the labels alone"),
     (["--student", "tiny", "--augment", "-1"], "--augment must be >= 0"),
+    (["--student", "tiny", "--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--student", "tiny", "--hidden-weight", "1", "--teacher-cache", "x"], "nothing to cache"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
