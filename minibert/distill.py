@@ -91,7 +91,8 @@ class DistillConfig(RunOptions):
                                    "tokenizer), a model folder, or teacher-layers:I,J,... (the teacher's embeddings, "
                                    "those layers, pooler and head)")
     train: Optional[str] = field(None, "labelled training file: TSV, CSV or JSONL (columns as in minibert.finetune)")
-    dev: Optional[str] = field(None, "labelled dev file: evaluated every epoch; the best student is kept")
+    dev: Optional[str] = field(None, "labelled dev file: evaluated after each pass (or every --eval-every steps); "
+                               "the best student is kept")
     test: Optional[str] = field(None, "labelled test file: the kept student and the teacher are scored on it once, "
                                 "at the end")
     unlabeled: Optional[str] = field(None, "text file, one text per line, added to the transfer set (the teacher "
