@@ -16,22 +16,20 @@ exactly with 7-bit activations).
 """
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
+
+from minibert.bench import cpu_name, timed
+
+CPU = torch.device("cpu")
 
 
 def rate(fn, ops, calls=30):
     """Median operations per second over `calls` calls, after three untimed ones."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return ops / statistics.median(times)
+    return ops / statistics.median(timed(fn, CPU) for _ in range(calls))
 
 
 def one_node_session(op, a, b, threads):
@@ -76,7 +74,8 @@ def main():
     for _ in range(args.rounds):
         for name, fn in runs.items():
             seen[name].append(rate(fn, 2 * m * k * n) / 1e9)
-    print(f"{m} x {k} @ {k} x {n}, {args.threads} threads, {args.rounds} rounds (median of 30 calls each)")
+    print(f"{cpu_name()}: {m} x {k} @ {k} x {n}, {args.threads} threads, {args.rounds} rounds "
+          f"(median of 30 calls each)")
     for name, rates in seen.items():
         print(f"| {name} | {min(rates):.0f}-{max(rates):.0f} |")
 
