@@ -162,7 +162,9 @@ def main() -> None:
     rungs = {name(m): args.out / name(m) for m in args.minutes}
     if args.run:
         for m in args.minutes:
-            pretrain(args, name(m), ["--corpus", str(args.corpus), "--time-budget", f"{m:g}",
+            # every rung the same preset (the third round's tiny unless --pretrain-args names one),
+            # although pretrain's default grows to mini at an hour
+            pretrain(args, name(m), ["--corpus", str(args.corpus), "--time-budget", f"{m:g}", "--preset", "tiny",
                                      *shlex.split(args.pretrain_args)])
         if args.dapt_minutes:
             text = args.out / "sst2_train_sentences.txt"

@@ -3,7 +3,7 @@
     python -m minibert.pretrain                                   # tiny model, bundled text, recipe 'budget'
     python -m minibert.pretrain --recipe bert                     # the original BERT recipe (NSP, 15% masking)
     python -m minibert.pretrain --corpus 'my_texts/*.txt' --preset mini --max-steps 1200
-    python -m minibert.pretrain --corpus 'my_texts/*.txt' --preset mini --time-budget 60   # the best model in an hour
+    python -m minibert.pretrain --corpus 'my_texts/*.txt' --time-budget 60   # the best model in an hour (preset mini)
     python -m minibert.pretrain --init runs/pretrain --corpus reviews.txt --out runs/dapt  # continue on new text
     python -m minibert.pretrain --out runs/pretrain --resume      # continue a stopped run exactly
     torchrun --nproc_per_node=2 -m minibert.pretrain ...          # DistributedDataParallel, one shard per rank
@@ -88,6 +88,14 @@ DEFAULT_CORPUS = [_DATA / "corpus" / "default_corpus.txt", _DATA / "reviews" / "
 # (Devlin et al. 2019: NSP, 15% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions)
 # at the former step count. Both train the same standard BERT architecture.
 LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init continues a trained model
+# Wider than tiny, post-LN BERT diverged at 2e-3 (benchmarks/pretrain_results.md, "What else was
+# tried"); the mini hour of the fourth round trained smoothly at 1e-3.
+WIDE_LR = 1e-3
+# An hour or more of --time-budget gets the mini preset when --preset is not given: on 2 CPU cores
+# the mini hour fine-tuned better than the tiny hour on SST-2 (4,000 rows: +1.3 over random weights
+# against -1.6; full set: +3.1 against +2.3; fourth round). Under an hour only tiny was measured,
+# and mini takes ~5x tiny's time per step, so it stays the default there.
+MINI_FROM_MINUTES = 60
 RECIPES = {
     "budget": dict(nsp=False, mlm_prob=0.4, seq_len=64, dropout=0.0, position_init="sinusoidal",
                    max_steps=2400, warmup=240),
@@ -141,7 +149,9 @@ class PretrainConfig(RunOptions):
                                 "BertForPreTraining / BertForMaskedLM folder). Its architecture and tokenizer are "
                                 "used: --preset, --vocab-size, --tokenizer, --position-init and --norm-position do "
                                 "not apply", fixed=True)
-    preset: str = field("tiny", "model size (Google's small-BERT grid)", fixed=True, choices=list(PRESETS))
+    preset: Optional[str] = field(None, "model size (Google's small-BERT grid) (default: tiny; mini with the "
+                                  f"budget recipe and a --time-budget of {MINI_FROM_MINUTES} minutes or more)",
+                                  fixed=True, choices=list(PRESETS))
     dropout: Optional[float] = field(None, "dropout on hidden states and attention (default: by --recipe; recipe "
                                      "bert: the preset's or --init's)", fixed=True)
     position_init: Optional[str] = field(None, "initial learned position table: 'random' (BERT's N(0, 0.02)) or "
@@ -167,12 +177,14 @@ class PretrainConfig(RunOptions):
     time_budget: Optional[float] = field(None, "minutes of training (wall clock, evaluations included): warmup and "
                                          "the linear decay to 0 follow elapsed time instead of steps, so the run "
                                          "ends at the budget with the learning rate at 0. Not reproducible step for "
-                                         "step: the schedule depends on the machine's speed. The default tiny "
-                                         "preset suits a few minutes; for an hour, --preset mini --lr 1e-3 "
-                                         "transfers better (wider features, a rate the post-LN mini model trains "
-                                         "stably at)", fixed=True)
-    lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g}; with --init {INIT_LR:g}: the "
-                                "weights are already trained, and a from-scratch rate undoes part of it)", fixed=True)
+                                         "step: the schedule depends on the machine's speed. Without --preset, "
+                                         f"a budget of {MINI_FROM_MINUTES} minutes or more trains the mini preset "
+                                         "(wider features that fine-tune better), less the tiny one (more steps)",
+                                         fixed=True)
+    lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g} for the tiny preset, "
+                                f"{WIDE_LR:g} for wider ones, at which post-LN BERT trains stably; with --init "
+                                f"{INIT_LR:g}: the weights are already trained, and a from-scratch rate undoes part "
+                                "of it)", fixed=True)
     warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
                                   "--recipe; 10%% of --max-steps when that is given alone)", fixed=True)
     warmup_fraction: float = field(0.1, "with --time-budget: the share of the budget spent in linear warmup",
@@ -229,8 +241,11 @@ class PretrainConfig(RunOptions):
                 setattr(self, name, value)
         if self.dropout is None:
             self.dropout = recipe["dropout"]
+        if self.preset is None:
+            long_budget = self.recipe == "budget" and (self.time_budget or 0) >= MINI_FROM_MINUTES
+            self.preset = "mini" if long_budget and not self.init else "tiny"
         if self.lr is None:  # continued pretraining (benchmarks/pretrain_results.md, fifth round)
-            self.lr = INIT_LR if self.init else LR
+            self.lr = INIT_LR if self.init else LR if PRESETS[self.preset]["hidden_size"] <= 128 else WIDE_LR
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
         self.no_nsp = not self.nsp
 

@@ -515,6 +515,15 @@ def test_recipe_fills_only_the_flags_left_unset():
     dapt = PretrainConfig(init="runs/p")
     assert (cfg.lr, dapt.lr, PretrainConfig(init="runs/p", lr=1e-3).lr) == (2e-3, 5e-4, 1e-3)
     assert PretrainConfig(**asdict(dapt)) == dapt
+    # the preset follows the budget: tiny for the default run and budgets under an hour, mini (at
+    # the rate post-LN mini trains stably at) from an hour on; a flag given explicitly still wins
+    hour = PretrainConfig(time_budget=60)
+    assert (cfg.preset, PretrainConfig(time_budget=59).preset, hour.preset, hour.lr) == ("tiny", "tiny", "mini", 1e-3)
+    assert (PretrainConfig(time_budget=60, preset="tiny").lr, PretrainConfig(preset="small").lr) == (2e-3, 1e-3)
+    assert PretrainConfig(time_budget=60, lr=5e-4).lr == 5e-4
+    assert (PretrainConfig(recipe="bert", time_budget=60).preset, PretrainConfig(init="runs/p", time_budget=60).lr) \
+        == ("tiny", 5e-4)
+    assert PretrainConfig(**asdict(hour)) == hour
     assert all(p.exists() for p in DEFAULT_CORPUS)
 
 
