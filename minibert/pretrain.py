@@ -179,7 +179,8 @@ class PretrainConfig(RunOptions):
                                          "ends at the budget with the learning rate at 0. Not reproducible step for "
                                          "step: the schedule depends on the machine's speed. Without --preset, "
                                          f"a budget of {MINI_FROM_MINUTES} minutes or more trains the mini preset "
-                                         "(wider features that fine-tune better), less the tiny one (more steps)",
+                                         "(wider features that fine-tune better), a shorter one the tiny preset "
+                                         "(more steps)",
                                          fixed=True)
     lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g} for the tiny preset, "
                                 f"{WIDE_LR:g} for wider ones, at which post-LN BERT trains stably; with --init "
