@@ -180,8 +180,7 @@ class PretrainConfig(RunOptions):
                                          "step: the schedule depends on the machine's speed. Without --preset, "
                                          f"a budget of {MINI_FROM_MINUTES} minutes or more trains the mini preset "
                                          "(wider features that fine-tune better), a shorter one the tiny preset "
-                                         "(more steps)",
-                                         fixed=True)
+                                         "(more steps)", fixed=True)
     lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g} for the tiny preset, "
                                 f"{WIDE_LR:g} for wider ones, at which post-LN BERT trains stably; with --init "
                                 f"{INIT_LR:g}: the weights are already trained, and a from-scratch rate undoes part "
@@ -242,10 +241,10 @@ class PretrainConfig(RunOptions):
                 setattr(self, name, value)
         if self.dropout is None:
             self.dropout = recipe["dropout"]
-        if self.preset is None:
+        if self.preset is None:  # --init brings its own architecture; the preset is then unused
             long_budget = self.recipe == "budget" and (self.time_budget or 0) >= MINI_FROM_MINUTES
             self.preset = "mini" if long_budget and not self.init else "tiny"
-        if self.lr is None:  # continued pretraining (benchmarks/pretrain_results.md, fifth round)
+        if self.lr is None:  # --init: continued pretraining (benchmarks/pretrain_results.md, fifth round)
             self.lr = INIT_LR if self.init else LR if PRESETS[self.preset]["hidden_size"] <= 128 else WIDE_LR
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
         self.no_nsp = not self.nsp
