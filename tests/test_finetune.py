@@ -538,7 +538,7 @@ def test_a_new_strategy_is_one_class_in_the_table_and_the_driver_needs_no_change
 
 def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
     # a 32-wide test model gets the small-model schedule; --lr / --epochs given by hand always win
-    assert finetune.default_schedule(32) == (1e-3, 10.0)
+    assert finetune.default_schedule(32) == finetune.default_schedule(128) == (1e-3, 20.0)
     assert finetune.default_schedule(256) == (3e-4, 10.0)
     assert finetune.default_schedule(384) == (5e-5, 3.0)  # all-MiniLM-L6-v2 and wider: the BERT paper's range
     d = env["dir"]
@@ -546,7 +546,7 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
             "--threads", "1", "--max-steps", "2"]
     assert finetune.main(base + ["--out", str(d / "auto")]) == 0
     auto = json.loads((d / "auto" / "run_config.json").read_text())
-    assert (auto["lr"], auto["epochs"]) == (1e-3, 10.0)  # the run records what it used, so --resume compares it
+    assert (auto["lr"], auto["epochs"]) == (1e-3, 20.0)  # the run records what it used, so --resume compares it
     assert finetune.main(base + ["--out", str(d / "manual"), "--lr", "2e-5", "--epochs", "1"]) == 0
     manual = json.loads((d / "manual" / "run_config.json").read_text())
     assert (manual["lr"], manual["epochs"]) == (2e-5, 1.0)
