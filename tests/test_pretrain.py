@@ -541,7 +541,7 @@ def test_recipe_flags_from_the_command_line(capsys):
 def test_readme_walk_through_pretraining_pays(tmp_path):
     """The README's two commands, then the same fine-tuning from random weights, over three
     fine-tuning seeds: the pretrained model must reach 85% on data/sentiment/test.tsv and beat
-    random weights by 3 points (issue 15). About 12 minutes on 2 idle cores (run: pytest -m slow
+    random weights by 3 points (issue 15). About 18 minutes on 2 idle cores (run: pytest -m slow
     tests/test_pretrain.py -k walk_through)."""
     run = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "pre"),
                           "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
