@@ -65,7 +65,7 @@ def finetune(args, init: Path, name: str, seed: int, scratch: bool) -> dict:
         sh([sys.executable, "-m", "minibert.finetune", "--init", str(init), *(["--from-scratch"] if scratch else []),
             "--train", str(sst2 / "train.tsv"), "--dev", str(sst2 / "dev.tsv"), "--test", str(sst2 / "test.tsv"),
             "--train-limit", str(args.train_limit), "--dev-limit", "1000", "--seed", str(seed), "--out", str(out),
-            # 10 epochs, the schedule the recorded rungs ran (finetune's tiny default is now 20);
+            # 10 epochs, the schedule the recorded rungs ran (finetune's default for a tiny model is 20);
             # an --epochs in --finetune-args comes later and wins
             "--overwrite", "--log-every", "1000", "--epochs", "10", *common(args), *shlex.split(args.finetune_args)],
            out.parent / f"{name}-s{seed}.log")

@@ -112,8 +112,8 @@ class FinetuneConfig(RunOptions):
     fgm_epsilon: float = field(1.0, "fgm: norm of the embedding perturbation", fixed=True)
     # -- optimisation
     epochs: Optional[float] = field(None, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts; "
-                                    "default: by the model's width, see default_schedule: 20 for hidden <= 128, 10 up to 256, 3 above)",
-                                    fixed=True)
+                                    "default: by the model's width, see default_schedule: 20 for hidden <= 128, "
+                                    "10 up to 256, 3 above)", fixed=True)
     max_steps: int = field(0, "stop after this many optimiser steps (0 = no limit)", fixed=True)
     batch_size: int = field(32, "training rows per step", fixed=True)
     eval_batch_size: int = field(128, "rows per forward pass when evaluating")
