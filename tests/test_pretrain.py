@@ -560,3 +560,46 @@ def test_readme_walk_through_pretraining_pays(tmp_path):
     mean = {k: sum(v) / len(v) for k, v in acc.items()}
     print(f"walk-through: {acc}")
     assert mean["pretrained"] >= 0.85 and mean["pretrained"] >= mean["scratch"] + 0.03, acc
+
+
+def test_replaced_token_detection_corrupts_and_scores_as_electra():
+    """benchmarks/replaced_token_detection.py (issue 15, ninth round): the discriminator must see
+    the original text with only the chosen positions swapped for generator samples, be told
+    exactly which tokens differ (a sample equal to the original is 'original', padding is never
+    scored), and its loss must be the generator's MLM loss + lambda x the mean binary
+    cross-entropy over the real tokens, written out here independently."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("rtd", ROOT / "benchmarks" / "replaced_token_detection.py")
+    rtd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rtd)
+    from minibert.model import BertConfig
+
+    V, MASK, FILL = 50, 3, 7
+    small = dict(vocab_size=V, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, dropout=0.0,
+                 attention_dropout=0.0, attn_impl="math")
+    torch.manual_seed(0)
+    model = rtd.ReplacedTokenDetection(BertConfig(**small), BertConfig(**small), disc_weight=50.0).eval()
+    with torch.no_grad():  # the generator now always samples FILL: the corruption is known in advance
+        model.gen.mlm.bias.fill_(-1e4)
+        model.gen.mlm.bias[FILL] = 1e4
+    original = torch.tensor([[1, 10, FILL, 12, 13, 2], [1, 20, 21, 2, 0, 0]])  # (B, T), 0 = padding
+    attention_mask = (original != 0).long()
+    chosen = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    labels = torch.where(chosen, original, torch.full_like(original, -100))
+    input_ids = torch.where(chosen, torch.full_like(original, MASK), original)
+    out = model(input_ids, torch.zeros_like(original), attention_mask, labels)
+
+    expected = torch.where(chosen, torch.full_like(original, FILL), original)
+    assert torch.equal(out["corrupted"], expected)
+    # position (0, 2) was FILL already: chosen, but not replaced
+    assert out["replaced"].tolist() == [[False, True, False, False, True, False],
+                                        [False, False, True, False, False, False]]
+    logits, target = out["logits"].tolist(), out["replaced"].tolist()
+    bce = [-(math.log(1 / (1 + math.exp(-z))) if y else math.log(1 - 1 / (1 + math.exp(-z))))
+           for row_z, row_y, row_m in zip(logits, target, attention_mask.tolist())
+           for z, y, m in zip(row_z, row_y, row_m) if m]
+    assert len(bce) == 10  # the 10 real tokens, padding left out
+    gen = model.gen(input_ids, torch.zeros_like(original), attention_mask, labels=labels)
+    assert out["loss"].item() == pytest.approx(gen.mlm_loss.item() + 50.0 * sum(bce) / len(bce), rel=1e-5)
