@@ -44,7 +44,7 @@ from minibert.model import PRESETS, BertConfig, BertForPreTraining  # noqa: E402
 from minibert.optim import build_optimizer, warmup_linear_by_time  # noqa: E402
 from minibert.pretrain import PretrainConfig, init_positions_sinusoidal, prepare_data  # noqa: E402
 from minibert.tokenizer import Tokenizer  # noqa: E402
-from minibert.toolkit import seed_everything, set_threads  # noqa: E402
+from minibert.toolkit import MetricsLog, seed_everything, set_threads  # noqa: E402
 
 
 @torch.no_grad()  # sampled, not differentiated: ELECTRA trains the two losses jointly, without RL
@@ -147,7 +147,12 @@ def main() -> None:
     budget_s = 60 * args.minutes
     t0 = time.time()
     sched = warmup_linear_by_time(opt, lambda: time.time() - t0, 0.1 * budget_s, budget_s)
-    log = open(out / "metrics.jsonl", "w")
+    metrics = MetricsLog(out / "metrics.jsonl")
+
+    def record(rec: dict) -> None:
+        metrics.write(rec)
+        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+
     n_d = sum(p.numel() for p in model.disc.parameters())
     n_g = sum(p.numel() for p in model.gen.parameters())
     print(f"discriminator {n_d / 1e6:.2f}M, generator {n_g / 1e6:.2f}M parameters; {args.minutes:g} min", flush=True)
@@ -171,20 +176,13 @@ def main() -> None:
                    "gen_loss": r["gen_loss"].item(), "disc_loss": r["disc_loss"].item(),
                    "gen_mlm_acc": float(r["gen_correct"]) / float(r["gen_count"]),
                    "disc_acc": float(r["disc_correct"]) / float(r["disc_count"])}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                  flush=True)
+            record(rec)
         if step % args.eval_every == 0 or last:
             rec = {"kind": "eval", "step": step, "time_s": elapsed, **evaluate(model, data.eval_batches)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                  flush=True)
+            record(rec)
             model.disc.save_pretrained(out / "model", tokenizer=tok)
             model.gen.save_pretrained(out / "generator", tokenizer=tok)
             atomic_write_text(out / "model" / "eval.json", json.dumps(rec, indent=2) + "\n")
-    log.close()
     print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; discriminator in {out}/model", flush=True)
 
 
