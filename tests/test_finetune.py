@@ -596,3 +596,53 @@ def test_tensorboard_without_the_package_is_a_note_before_training_and_step_line
     # the step lines went to the log function, none to stdout (a notebook needs no redirect_stdout)
     assert [ln.split(" | ")[0] for ln in lines if ln.startswith("step ")] == ["step 2/6", "step 4/6", "step 6/6"]
     assert capsys.readouterr().out == ""
+
+
+def test_other_tasks_parse_wordnet_and_fortunes(tmp_path):
+    """benchmarks/other_tasks.py (issue 15, tenth round) builds tasks beyond SST-2 from Debian's
+    WordNet and fortune files: a gloss keeps its definition only (the example quotes hold the word
+    itself), the lexicographer file number names the supersense, fortunes split on '%' lines into
+    one-line rows, and the TSVs it writes read back unchanged through the reader finetune uses."""
+    import importlib.util
+    from minibert.tabular import read_labeled
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("other_tasks", root / "benchmarks" / "other_tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+
+    # Lines in WordNet's data.noun format: offset, lex_filenum, ss_type, word count (hex), words
+    # with lex ids, pointer count and pointers, then '| gloss'. Files 03-28 are noun.Tops..noun.time.
+    (tmp_path / "data.noun").write_text(
+        "  1 This software and database is being provided to you, the LICENSEE |\n"
+        "00001740 03 n 01 entity 0 000 | that which is perceived or known  \n"
+        "02070430 05 n 01 porpoise 0 001 @ 02068974 n 0000 | any of several small gregarious "
+        'cetacean mammals; "a porpoise swam by"; "porpoises are mammals"  \n'
+        "10000000 18 n 01 admiral 0 000 | the commander of a fleet  \n"
+        "15000000 28 n 01 dusk 0 000 | the time of day immediately following sunset; "
+        '"they walked home at dusk"  \n'
+        "05000000 23 n 01 dozen 0 000 | the cardinal number that is the sum of eleven and one\n",
+        encoding="utf-8")
+    glosses = tasks.wordnet_glosses(tmp_path / "data.noun")
+    assert glosses == [
+        ("any of several small gregarious cetacean mammals", "noun.animal"),
+        ("the commander of a fleet", "noun.person"),
+        ("the time of day immediately following sunset", "noun.time"),
+        ("the cardinal number that is the sum of eleven and one", "noun.quantity"),
+    ]
+
+    (tmp_path / "law").write_text('A "lawyer" walks\ninto a bar.\n%\nObjection!\n%\n', encoding="utf-8")
+    (tmp_path / "food").write_text("Eat\tyour greens.\n%\n\n%\nA \"pie\" -- anon\n", encoding="utf-8")
+    entries = tasks.fortune_entries(tmp_path, topics=("law", "food"))
+    assert entries == [('A "lawyer" walks into a bar.', "law"), ("Objection!", "law"),
+                       ("Eat your greens.", "food"), ('A "pie" -- anon', "food")]
+
+    rows = entries + [("Objection!", "food")]           # a duplicate text is kept once
+    train, dev, test = tasks.split(rows, dev=1, test=1, train=0, seed=0)
+    assert len(train) + len(dev) + len(test) == 4
+    assert sorted(train + dev + test) == sorted(entries)
+    assert tasks.split(rows, 1, 1, 0, seed=0) == (train, dev, test)   # fixed by the seed
+
+    tasks.write_tsv(tmp_path / "t" / "train.tsv", entries)
+    back = read_labeled(tmp_path / "t" / "train.tsv")
+    assert list(zip(back.texts, back.labels)) == entries
