@@ -32,12 +32,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDNET = Path("/usr/share/wordnet")
 FORTUNES = Path("/usr/share/games/fortunes")
+# WordNet's noun lexicographer files 03-28 (lexnames(5WN)): the noun supersenses.
+NOUN_FILES = dict(enumerate(
+    "Tops act animal artifact attribute body cognition communication event feeling food "
+    "group location motive object person phenomenon plant possession process quantity "
+    "relation shape state substance time".split(), start=3))
 # The fortune files whose name says what they are about, with at least ~200 entries each.
 FORTUNE_TOPICS = ("computers", "politics", "work", "science", "men-women", "art",
                   "literature", "drugs", "law", "education", "food")
@@ -49,10 +52,6 @@ def wordnet_glosses(data_noun: Path) -> list[tuple[str, str]]:
     A data line is `offset lex_filenum ss_type w_cnt word lex_id ... | gloss`; the gloss is the
     definition, then optional `; "example"` quotes, which often contain the word itself.
     """
-    names = {i: n for i, n in enumerate(
-        "Tops act animal artifact attribute body cognition communication event feeling food "
-        "group location motive object person phenomenon plant possession process quantity "
-        "relation shape state substance time".split(), start=3)}   # lexnames(5WN), files 03-28
     rows = []
     for line in data_noun.read_text(encoding="utf-8").splitlines():
         if line.startswith("  ") or "|" not in line:
@@ -62,7 +61,7 @@ def wordnet_glosses(data_noun: Path) -> list[tuple[str, str]]:
         definition = re.split(r';\s*"', gloss)[0].strip().rstrip(";").strip()
         if lex == 3 or not definition:
             continue
-        rows.append((definition, "noun." + names[lex]))
+        rows.append((definition, "noun." + NOUN_FILES[lex]))
     return rows
 
 
@@ -109,7 +108,7 @@ def tfidf_baseline(folder: Path) -> float:
     train, test = read_labeled(folder / "train.tsv"), read_labeled(folder / "test.tsv")
     vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     clf = LogisticRegression(C=10.0, max_iter=2000).fit(vec.fit_transform(train.texts), train.labels)
-    return float((clf.predict(vec.transform(test.texts)) == np.array(test.labels)).mean())
+    return float(clf.score(vec.transform(test.texts), test.labels))
 
 
 def main() -> None:

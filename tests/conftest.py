@@ -5,9 +5,12 @@ CPU interpreter must be switched on before anything imports minibert's Triton ke
 On a machine with a GPU the real kernels run instead.
 
 `tiny_config` is the one tiny model every test builds: a factory, `tiny_config(**overrides)`.
+`benchmark_script(name)` imports benchmarks/<name>.py, which is a script, not a package module.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 # The suite runs as two workers on two cores (pytest-xdist), each with torch's own thread
 # pool: threads that spin while they wait would burn the other worker's core, so they sleep.
@@ -34,3 +37,17 @@ def tiny_config():
         return BertConfig(**{**TINY, **overrides})
 
     return make
+
+
+@pytest.fixture
+def benchmark_script():
+    """benchmark_script(name) -> the module benchmarks/<name>.py, loaded from its file."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

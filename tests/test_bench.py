@@ -394,7 +394,7 @@ def test_deploy_options_are_checked(capsys):
     assert "leave out --compare-hf" in capsys.readouterr().err
 
 
-def test_the_gemm_ceiling_times_the_products_it_names():
+def test_the_gemm_ceiling_times_the_products_it_names(benchmark_script):
     """benchmarks/gemm_ceiling.py bounds the deployment table with one-node ONNX graphs: they must
     compute the product they are named after (u8 x s8 -> int32 exactly, fp32 to rounding), or the
     rates it prints would be of some other work. The activations use 7 bits: on CPUs without VNNI
@@ -404,9 +404,7 @@ def test_the_gemm_ceiling_times_the_products_it_names():
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     import numpy as np
-    spec = importlib.util.spec_from_file_location("gemm_ceiling", ROOT / "benchmarks" / "gemm_ceiling.py")
-    gemm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gemm)
+    gemm = benchmark_script("gemm_ceiling")
     rng = np.random.default_rng(1)
     a8, b8 = rng.integers(0, 128, (64, 48), dtype=np.uint8), rng.integers(-128, 128, (48, 40), dtype=np.int8)
     (y8,) = gemm.one_node_session("MatMulInteger", a8, b8, threads=1)()

@@ -598,18 +598,14 @@ def test_tensorboard_without_the_package_is_a_note_before_training_and_step_line
     assert capsys.readouterr().out == ""
 
 
-def test_other_tasks_parse_wordnet_and_fortunes(tmp_path):
+def test_other_tasks_parse_wordnet_and_fortunes(tmp_path, benchmark_script):
     """benchmarks/other_tasks.py (issue 15, tenth round) builds tasks beyond SST-2 from Debian's
     WordNet and fortune files: a gloss keeps its definition only (the example quotes hold the word
     itself), the lexicographer file number names the supersense, fortunes split on '%' lines into
     one-line rows, and the TSVs it writes read back unchanged through the reader finetune uses."""
-    import importlib.util
     from minibert.tabular import read_labeled
 
-    root = Path(__file__).resolve().parent.parent
-    spec = importlib.util.spec_from_file_location("other_tasks", root / "benchmarks" / "other_tasks.py")
-    tasks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tasks)
+    tasks = benchmark_script("other_tasks")
 
     # Lines in WordNet's data.noun format: offset, lex_filenum, ss_type, word count (hex), words
     # with lex ids, pointer count and pointers, then '| gloss'. Files 03-28 are noun.Tops..noun.time.

@@ -562,18 +562,15 @@ def test_readme_walk_through_pretraining_pays(tmp_path):
     assert mean["pretrained"] >= 0.85 and mean["pretrained"] >= mean["scratch"] + 0.03, acc
 
 
-def test_replaced_token_detection_corrupts_and_scores_as_electra():
+def test_replaced_token_detection_corrupts_and_scores_as_electra(benchmark_script):
     """benchmarks/replaced_token_detection.py (issue 15, ninth round): the discriminator must see
     the original text with only the chosen positions swapped for generator samples, be told
     exactly which tokens differ (a sample equal to the original is 'original', padding is never
     scored), and its loss must be the generator's MLM loss + lambda x the mean binary
     cross-entropy over the real tokens, written out here independently."""
-    import importlib.util
     import math
 
-    spec = importlib.util.spec_from_file_location("rtd", ROOT / "benchmarks" / "replaced_token_detection.py")
-    rtd = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rtd)
+    rtd = benchmark_script("replaced_token_detection")
     from minibert.model import BertConfig
 
     V, MASK, FILL = 50, 3, 7
