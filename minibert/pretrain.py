@@ -583,7 +583,13 @@ def train(cfg: PretrainConfig) -> dict:
     log = print if dist.main else (lambda *a, **k: None)
     try:
         run = setup(cfg, device, dist, log)
-        return train_loop(run, cfg, log)
+        result = train_loop(run, cfg, log)
+        if dist.enabled:
+            # Rank 0 saves and evaluates after the last step while the others are done: without
+            # this wait a finished rank tears down its gloo connections under a peer still using
+            # them, and it can abort at exit (seen once in CI, under load).
+            torch.distributed.barrier()
+        return result
     finally:
         if dist.enabled:
             torch.distributed.destroy_process_group()
