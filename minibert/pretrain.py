@@ -56,6 +56,7 @@ from .toolkit import (
     autocast,
     check_resume,
     cli_main,
+    cpu_has_bf16,
     field,
     grad_scaler,
     init_distributed,
@@ -196,8 +197,9 @@ class PretrainConfig(RunOptions):
                      "run_config.json")
     precision: str = field("auto", "arithmetic of the training steps: fp32; bf16 (bfloat16 autocast, weights and "
                            "optimizer state stay fp32); fp16 (float16 autocast with a loss scaler, GPUs only). auto: "
-                           "bf16 on CUDA, fp32 on the CPU and MPS (bf16 pays only on CPUs with bfloat16 "
-                           "instructions). Held-out evaluation is always fp32. Replaces the former --bf16 / --fp16 / "
+                           "bf16 on CUDA, and with --time-budget also on CPUs with bfloat16 instructions "
+                           "(AVX512-BF16, AMX: more steps in the same minutes); fp32 otherwise, so --max-steps runs "
+                           "reproduce across CPUs. Held-out evaluation is always fp32. Replaces the former --bf16 / --fp16 / "
                            "--fp32 switches", fixed=True, choices=("auto", "fp32", "bf16", "fp16"))
     eval_only: bool = field(False, "evaluate the model saved in --out on the held-out split, print and exit")
     eval_every: int = field(100, "evaluate on the held-out split every this many steps (and at the end)")
@@ -248,6 +250,10 @@ class PretrainConfig(RunOptions):
             self.lr = INIT_LR if self.init else LR if PRESETS[self.preset]["hidden_size"] <= 128 else WIDE_LR
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
         self.no_nsp = not self.nsp
+        if self.precision == "auto" and self.time_budget and cpu_has_bf16() and pick_device(self.device).type == "cpu":
+            # a budget is spent best on the most steps; bf16 autocast tracks fp32 step for step
+            # (benchmarks/pretrain_results.md) and is faster where the CPU multiplies bf16
+            self.precision = "bf16"
 
 
 # ----------------------------------------------------------------------------- data

@@ -527,6 +527,28 @@ def test_recipe_fills_only_the_flags_left_unset():
     assert all(p.exists() for p in DEFAULT_CORPUS)
 
 
+def test_a_budget_trains_in_bf16_where_the_cpu_multiplies_bf16(monkeypatch):
+    from dataclasses import asdict
+
+    from minibert import pretrain, toolkit
+    from minibert.pretrain import PretrainConfig
+
+    # the flags /proc/cpuinfo gives: AMX or AVX512-BF16 count, AVX2 and AVX-512 without bf16 do not
+    for flags, has in ((["avx2", "amx_bf16"], True), (["avx512f", "avx512_bf16"], True),
+                       (["avx2", "avx512f", "avx512_vnni"], False), (None, False)):
+        monkeypatch.setattr(toolkit, "cpu_info", lambda flags=flags: ("cpu", flags))
+        assert toolkit.cpu_has_bf16() is has, flags
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: True)
+    budget = PretrainConfig(time_budget=5, device="cpu")
+    assert budget.precision == "bf16"
+    # --max-steps runs stay fp32 so they reproduce on any CPU; an explicit choice always wins
+    assert (PretrainConfig(device="cpu").precision, PretrainConfig(time_budget=5, precision="fp32").precision) == (
+        "auto", "fp32")
+    assert PretrainConfig(**asdict(budget)) == budget  # what --resume compares
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: False)
+    assert PretrainConfig(time_budget=5, device="cpu").precision == "auto"
+
+
 def test_recipe_flags_from_the_command_line(capsys):
     from minibert.pretrain import PretrainConfig
     from minibert.toolkit import parse_config
