@@ -95,13 +95,17 @@ def reference(setup) -> Path:
 
 def start_and_wait(args: list[str], out: Path, min_step: int, min_seconds: float = 0.0) -> subprocess.Popen:
     """Start a run and return once it has logged `min_step` (so it has saved a checkpoint) after
-    `min_seconds` of training, and is still going."""
-    proc = subprocess.Popen([sys.executable, "-m", "minibert.pretrain", *args, "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    `min_seconds` of training, and is still going. Its output goes to files, not pipes: a run that logs
+    every step would fill a pipe nobody reads within a few hundred steps and block on its next print."""
+    logs = out.parent / f"{out.name}.stdout", out.parent / f"{out.name}.stderr"
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "minibert.pretrain", *args, "--out", str(out)],
+                                cwd=ROOT, stdout=stdout, stderr=stderr, text=True)
+    proc.logs = logs
     deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the run ended before it could be interrupted: {proc.returncode}\n{proc.stderr.read()[-2000:]}")
+            pytest.fail(f"the run ended before it could be interrupted: {proc.returncode}\n{finish(proc)[1][-2000:]}")
         metrics = out / "metrics.jsonl"
         if metrics.exists():
             lines = metrics.read_text(encoding="utf-8").splitlines()
@@ -114,11 +118,17 @@ def start_and_wait(args: list[str], out: Path, min_step: int, min_seconds: float
     pytest.fail("the run did not reach the step to interrupt in time")
 
 
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, str]:
+    """Wait for a run from start_and_wait; its (stdout, stderr)."""
+    proc.wait(timeout=timeout)
+    return tuple(path.read_text(encoding="utf-8") for path in proc.logs)
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(setup, reference):
     out = setup["tmp"] / "killed"
     proc = start_and_wait(setup["args"], out, min_step=12)
     proc.send_signal(signal.SIGKILL)  # no chance to save anything: resume from the last periodic checkpoint
-    proc.communicate()
+    finish(proc)
     assert proc.returncode == -signal.SIGKILL
     saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
     assert 10 <= saved < STEPS
@@ -134,7 +144,7 @@ def test_ctrl_c_saves_then_resume_matches_uninterrupted_run(setup, reference):
     out = setup["tmp"] / "interrupted"
     proc = start_and_wait(setup["args"], out, min_step=7)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 130, stderr[-2000:]
     assert "stopped at step" in stdout
     saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
@@ -395,7 +405,7 @@ def test_time_budget_ends_at_the_budget_with_lr_0_and_resume_keeps_the_same_budg
     out = tmp_path / "budget"
     proc = start_and_wait(args, out, min_step=2, min_seconds=4.0)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = finish(proc)
     assert proc.returncode == 130, stderr[-2000:]
     first = torch.load(out / "train_state.pt", weights_only=True)
     first_clock = first["clock"][0]
