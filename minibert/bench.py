@@ -95,7 +95,7 @@ from .optim import build_optimizer
 from .strategies import PlainInputs
 from .tabular import LabelMap
 from .tokenizer import Tokenizer
-from .toolkit import UserError, autocast, cli_main, cpu_info, field, pick_device, resolve_precision, set_threads
+from .toolkit import UserError, autocast, cli_main, cpu_has_bf16, cpu_info, field, pick_device, resolve_precision, set_threads
 
 # bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
 CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 999
@@ -608,9 +608,9 @@ def serve_minibert(src: Source, compiled: bool = False) -> Served:
 
 
 def bf16_supported() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): without them oneDNN emulates
-    bf16 matmuls in fp32, slower than fp32 itself, so the row would measure nothing useful."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether the bf16 rows can measure anything: without bf16 instructions the row would time
+    an emulation (toolkit.cpu_has_bf16)."""
+    return cpu_has_bf16()
 
 
 def serve_minibert_bf16(src: Source, compiled: bool = False) -> Served:

@@ -245,8 +245,8 @@ def cpu_info() -> tuple[str, Optional[list[str]]]:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
-    makes the matrix products faster rather than slower. False where the flags cannot be read."""
+    """Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Without them oneDNN
+    emulates bf16 matmuls in fp32, slower than fp32 itself. False where the flags cannot be read."""
     _, flags = cpu_info()
     return bool(flags) and any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
