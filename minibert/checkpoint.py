@@ -132,6 +132,22 @@ def resolve_model_dir(path: PathLike) -> Path:
     raise CheckpointError(f"{p}: no config.json here or in {p / 'model'}; expected a model folder or a run folder")
 
 
+# Written by minibert.pretrain beside the model files of model/ and best/: the model was pretrained
+# here, for CPU minutes or GPU hours rather than the days behind a published checkpoint, and
+# finetune's default schedule (finetune.default_schedule) gives it larger steps for longer.
+PRETRAINED_HERE = "pretraining.json"
+
+
+def pretrained_here(path: PathLike) -> bool:
+    """Whether minibert.pretrain trained this model folder's (or run folder's) model from random
+    weights, or continued such a model; False for published checkpoints and for folders whose
+    mark cannot be read."""
+    try:
+        mark = json.loads((resolve_model_dir(path) / PRETRAINED_HERE).read_text(encoding="utf-8"))
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and mark.get("short_pretraining") is True
+
 # Files that make up a model folder: replaced together by save_pretrained. Anything else in
 # the folder (a run's train_state.pt, metrics, sub-folders) is carried over untouched.
 MODEL_FILES = frozenset(

@@ -9,8 +9,9 @@
     torchrun --nproc_per_node=2 -m minibert.pretrain ...          # DistributedDataParallel, one shard per rank
 
 The output is a run folder: model/ (a Hugging Face-format model folder: config.json,
-model.safetensors, tokenizer files; `BertForPreTraining.from_pretrained(out)` or
-`finetune --init out` find it there), best/ (the model with the lowest held-out loss, with its
+model.safetensors, tokenizer files, and pretraining.json, which tells finetune the model was
+pretrained here; `BertForPreTraining.from_pretrained(out)` or `finetune --init out` find it
+there), best/ (the model with the lowest held-out loss, with its
 eval.json), train_state.pt (everything --resume needs), metrics.jsonl, curves.png and
 run_config.json. A folder that already holds a model or a run is only reused with --resume
 (continue it) or --overwrite (replace it). Data handling is in minibert/pretraining_data.py,
@@ -42,7 +43,8 @@ import torch
 from tqdm import tqdm
 
 from . import pretraining_data as pd
-from .checkpoint import MODEL_FILES, CheckpointError, atomic_write_text, resolve_model_dir
+from .checkpoint import (MODEL_FILES, PRETRAINED_HERE, CheckpointError, atomic_write_text, pretrained_here,
+                         resolve_model_dir)
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
 from .optim import build_optimizer, warmup_linear, warmup_linear_by_time
 from .tokenizer import Tokenizer
@@ -90,8 +92,17 @@ DEFAULT_CORPUS = [_DATA / "corpus" / "default_corpus.txt", _DATA / "reviews" / "
 # at the former step count. Both train the same standard BERT architecture.
 LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init continues a trained model
 # Wider than tiny, post-LN BERT diverged at 2e-3 (benchmarks/pretrain_results.md, "What else was
-# tried"); the mini hour of the fourth round trained smoothly at 1e-3.
-WIDE_LR = 1e-3
+# tried"); the mini hour of the fourth round trained smoothly at 1e-3. At width 512 (the small
+# preset) 1e-3 held the model on the frequent-token plateau for a whole hour, while 5e-4 left it
+# by step 2,000 (eleventh round): the wider the post-LN model, the lower the rate it takes.
+WIDE_LR, WIDER_LR = 1e-3, 5e-4  # hidden <= 256 / wider
+
+
+def default_lr(hidden_size: int, init: bool) -> float:
+    """Peak AdamW rate when --lr is not given."""
+    if init:
+        return INIT_LR
+    return LR if hidden_size <= 128 else WIDE_LR if hidden_size <= 256 else WIDER_LR
 # An hour or more of --time-budget gets the mini preset when --preset is not given: on 2 CPU cores
 # the mini hour fine-tuned better than the tiny hour on SST-2 (4,000 rows: +1.3 over random weights
 # against -1.6; full set: +3.1 against +2.3; fourth round). Under an hour only tiny was measured,
@@ -183,7 +194,8 @@ class PretrainConfig(RunOptions):
                                          "(wider features that fine-tune better), a shorter one the tiny preset "
                                          "(more steps)", fixed=True)
     lr: Optional[float] = field(None, f"peak learning rate (AdamW) (default: {LR:g} for the tiny preset, "
-                                f"{WIDE_LR:g} for wider ones, at which post-LN BERT trains stably; with --init "
+                                f"{WIDE_LR:g} up to width 256, {WIDER_LR:g} wider: the rates at which post-LN BERT "
+                                "left the frequent-token plateau at those widths; with --init "
                                 f"{INIT_LR:g}: the weights are already trained, and a from-scratch rate undoes part "
                                 "of it)", fixed=True)
     warmup: Optional[int] = field(None, "linear warmup steps, then linear decay to 0 at --max-steps (default: by "
@@ -247,7 +259,7 @@ class PretrainConfig(RunOptions):
             long_budget = self.recipe == "budget" and (self.time_budget or 0) >= MINI_FROM_MINUTES
             self.preset = "mini" if long_budget and not self.init else "tiny"
         if self.lr is None:  # --init: continued pretraining (benchmarks/pretrain_results.md, fifth round)
-            self.lr = INIT_LR if self.init else LR if PRESETS[self.preset]["hidden_size"] <= 128 else WIDE_LR
+            self.lr = default_lr(PRESETS[self.preset]["hidden_size"], bool(self.init))
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)
         self.no_nsp = not self.nsp
         if self.precision == "auto" and self.time_budget and cpu_has_bf16() and pick_device(self.device).type == "cpu":
@@ -394,6 +406,16 @@ CHECK_NAMES = {"corpus_sha256": "corpus content (sha256 of the files' bytes, fir
                "global_batch": "global batch (processes x --batch-size x --grad-accum)"}
 
 
+def save_model(run: Run, cfg: PretrainConfig, folder: Path) -> None:
+    """An HF-format model folder, marked as pretrained here (checkpoint.PRETRAINED_HERE). Continued
+    pretraining of a published checkpoint (--init) keeps what it started from: mostly that
+    checkpoint's training, so finetune treats it as a published checkpoint."""
+    run.model.save_pretrained(folder, tokenizer=run.data.tok)
+    mark = {"pretrained_by": "minibert.pretrain", "step": run.step, "init": cfg.init,
+            "short_pretraining": cfg.init is None or pretrained_here(cfg.init)}
+    atomic_write_text(folder / PRETRAINED_HERE, json.dumps(mark, indent=2) + "\n")
+
+
 def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:
     """model/ (replaced as a whole), then train_state.pt (the whole state in one atomically written
     file: resume reads only this, and model/ is always there when it is). Every rank takes part
@@ -404,7 +426,7 @@ def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:
         torch.distributed.all_gather_object(rngs, rng_state())
     if not run.dist.main:
         return
-    run.model.save_pretrained(run.out / "model", tokenizer=run.data.tok)
+    save_model(run, cfg, run.out / "model")
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
@@ -566,7 +588,7 @@ def evaluate_and_keep_best(run: Run, cfg: PretrainConfig) -> dict:
     plot_curves(run.metrics.records, run.out / "curves.png", CURVES, f"{cfg.init or 'preset ' + cfg.preset}, "
                 f"seq {cfg.seq_len}: {run.out}")
     if run.best.update(res["loss"], run.step):
-        run.model.save_pretrained(run.out / "best", tokenizer=run.data.tok)
+        save_model(run, cfg, run.out / "best")
         atomic_write_text(run.out / "best" / "eval.json", json.dumps(res, indent=2) + "\n")
     return res
 

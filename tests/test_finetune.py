@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 
 from minibert import BertConfig, BertForMaskedLM, BertForSequenceClassification, Tokenizer
 from minibert import finetune, predict, search
+from minibert.checkpoint import PRETRAINED_HERE
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -541,6 +543,9 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
     assert finetune.default_schedule(32) == finetune.default_schedule(128) == (1e-3, 20.0)
     assert finetune.default_schedule(256) == (3e-4, 10.0)
     assert finetune.default_schedule(384) == (5e-5, 3.0)  # all-MiniLM-L6-v2 and wider: the BERT paper's range
+    # wider models pretrained here for an hour, or random, want the larger steps of the narrow ones
+    assert (finetune.default_schedule(512, "here"), finetune.default_schedule(512, "random")) == ((3e-4, 10.0), (1e-4, 10.0))
+    assert finetune.default_schedule(128, "random") == finetune.default_schedule(128, "checkpoint")
     d = env["dir"]
     base = ["--init", env["init"], "--train", env["train"], "--batch-size", "16", "--max-len", "32", "--no-progress",
             "--threads", "1", "--max-steps", "2"]
@@ -550,6 +555,20 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
     assert finetune.main(base + ["--out", str(d / "manual"), "--lr", "2e-5", "--epochs", "1"]) == 0
     manual = json.loads((d / "manual" / "run_config.json").read_text())
     assert (manual["lr"], manual["epochs"]) == (2e-5, 1.0)
+    # a folder wider than 256 (one small layer, to stay quick): where its weights came from decides
+    tok = Tokenizer.from_file(env["init"])
+    wide = BertConfig(vocab_size=tok.vocab_size, hidden_size=264, num_layers=1, num_heads=2, intermediate_size=32,
+                      max_position=64)
+    BertForMaskedLM(wide).save_pretrained(d / "wide", tokenizer=tok)
+    chosen = {}
+    for name, extra in [("published", []), ("random", ["--from-scratch"]), ("here", [])]:
+        if name == "here":  # what minibert.pretrain writes beside model/'s files
+            (d / "wide" / PRETRAINED_HERE).write_text(json.dumps({"short_pretraining": True}), encoding="utf-8")
+        argv = [*base[2:], "--init", str(d / "wide"), "--out", str(d / f"wide-{name}"), *extra]
+        assert finetune.main(argv) == 0
+        saved = json.loads((d / f"wide-{name}" / "run_config.json").read_text())
+        chosen[name] = saved["lr"], saved["epochs"]
+    assert chosen == {"published": (5e-5, 3.0), "random": (1e-4, 10.0), "here": (3e-4, 10.0)}
 
 
 EVAL_TAGS = {f"eval/dev_{k}" for k in ("accuracy", "f1", "precision", "recall", "macro_f1", "weighted_f1")}

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from minibert import BertForPreTraining, pretrain
+from minibert.checkpoint import pretrained_here
 from minibert.toolkit import build_parser, init_distributed, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -435,6 +436,8 @@ def test_init_continues_from_a_pretraining_run_with_its_weights_and_tokenizer(se
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert (out / "model" / "vocab.txt").read_text() == (reference / "model" / "vocab.txt").read_text()
+    # model/ and best/ say they were pretrained here, and continuing such a model keeps saying so
+    assert pretrained_here(reference / "model") and pretrained_here(reference / "best") and pretrained_here(out / "model")
 
 
 def hf_folder(tmp_path: Path, reference: Path, cls_name: str) -> Path:
@@ -454,6 +457,8 @@ def test_init_takes_a_hugging_face_folder_with_an_mlm_head_and_refuses_one_witho
     mlm = hf_folder(tmp_path, reference, "BertForMaskedLM")
     assert inprocess(setup, tmp_path / "from_hf", "--init", str(mlm), "--max-steps", "2", "--seq-len", "32") == 0
     assert BertForPreTraining.from_pretrained(tmp_path / "from_hf").config.hidden_size == 32
+    # minutes of continued pretraining leave a published checkpoint mostly what it was
+    assert not pretrained_here(mlm) and not pretrained_here(tmp_path / "from_hf" / "model")
     encoder = hf_folder(tmp_path, reference, "BertModel")
     assert inprocess(setup, tmp_path / "from_encoder", "--init", str(encoder), "--max-steps", "2") == 1
     err = capsys.readouterr().err.splitlines()[-1]  # after transformers' own progress output
@@ -529,7 +534,8 @@ def test_recipe_fills_only_the_flags_left_unset():
     # the rate post-LN mini trains stably at) from an hour on; a flag given explicitly still wins
     hour = PretrainConfig(time_budget=60)
     assert (cfg.preset, PretrainConfig(time_budget=59).preset, hour.preset, hour.lr) == ("tiny", "tiny", "mini", 1e-3)
-    assert (PretrainConfig(time_budget=60, preset="tiny").lr, PretrainConfig(preset="small").lr) == (2e-3, 1e-3)
+    # width 512 stays on the frequent-token plateau at 1e-3 (benchmarks/pretrain_results.md, eleventh round)
+    assert (PretrainConfig(time_budget=60, preset="tiny").lr, PretrainConfig(preset="small").lr) == (2e-3, 5e-4)
     assert PretrainConfig(time_budget=60, lr=5e-4).lr == 5e-4
     assert (PretrainConfig(recipe="bert", time_budget=60).preset, PretrainConfig(init="runs/p", time_budget=60).lr) \
         == ("tiny", 5e-4)
