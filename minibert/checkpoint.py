@@ -148,6 +148,7 @@ def pretrained_here(path: PathLike) -> bool:
         return False
     return isinstance(mark, dict) and mark.get("short_pretraining") is True
 
+
 # Files that make up a model folder: replaced together by save_pretrained. Anything else in
 # the folder (a run's train_state.pt, metrics, sub-folders) is carried over untouched.
 MODEL_FILES = frozenset(

@@ -94,7 +94,7 @@ LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init co
 # Wider than tiny, post-LN BERT diverged at 2e-3 (benchmarks/pretrain_results.md, "What else was
 # tried"); the mini hour of the fourth round trained smoothly at 1e-3. At width 512 (the small
 # preset) 1e-3 held the model on the frequent-token plateau for a whole hour, while 5e-4 left it
-# by step 2,000 (eleventh round): the wider the post-LN model, the lower the rate it takes.
+# by step 2,000 (eleventh and twelfth rounds): the wider the post-LN model, the lower the rate it takes.
 WIDE_LR, WIDER_LR = 1e-3, 5e-4  # hidden <= 256 / wider
 
 
@@ -103,6 +103,8 @@ def default_lr(hidden_size: int, init: bool) -> float:
     if init:
         return INIT_LR
     return LR if hidden_size <= 128 else WIDE_LR if hidden_size <= 256 else WIDER_LR
+
+
 # An hour or more of --time-budget gets the mini preset when --preset is not given: on 2 CPU cores
 # the mini hour fine-tuned better than the tiny hour on SST-2 (4,000 rows: +1.3 over random weights
 # against -1.6; full set: +3.1 against +2.3; fourth round). Under an hour only tiny was measured,
@@ -389,6 +391,7 @@ class Run:
     clock: Clock
     best: KeepBest
     checks: dict  # what --resume compares beside the fixed options (see resume_checks)
+    short_pretraining: bool  # what save_model marks: from random weights here, or continuing such a model
     step: int = 0
 
     def finished(self, cfg: PretrainConfig) -> bool:
@@ -412,7 +415,7 @@ def save_model(run: Run, cfg: PretrainConfig, folder: Path) -> None:
     checkpoint's training, so finetune treats it as a published checkpoint."""
     run.model.save_pretrained(folder, tokenizer=run.data.tok)
     mark = {"pretrained_by": "minibert.pretrain", "step": run.step, "init": cfg.init,
-            "short_pretraining": cfg.init is None or pretrained_here(cfg.init)}
+            "short_pretraining": run.short_pretraining}
     atomic_write_text(folder / PRETRAINED_HERE, json.dumps(mark, indent=2) + "\n")
 
 
@@ -556,7 +559,7 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
         f"{resolve_precision(cfg.precision, device)}, {dist.world} process(es), "
         f"global batch {cfg.batch_size * cfg.grad_accum * dist.world}")
     return Run(model, net, opt, sched, scaler, data, dist, device, autocast(cfg.precision, device), out, metrics, tb,
-               clock, best, checks, step)
+               clock, best, checks, cfg.init is None or pretrained_here(cfg.init), step)
 
 
 def init_positions_sinusoidal(model: BertForPreTraining) -> None:

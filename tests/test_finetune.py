@@ -544,7 +544,8 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
     assert finetune.default_schedule(256) == (3e-4, 10.0)
     assert finetune.default_schedule(384) == (5e-5, 3.0)  # all-MiniLM-L6-v2 and wider: the BERT paper's range
     # wider models pretrained here for an hour, or random, want the larger steps of the narrow ones
-    assert (finetune.default_schedule(512, "here"), finetune.default_schedule(512, "random")) == ((3e-4, 10.0), (1e-4, 10.0))
+    assert (finetune.default_schedule(512, "here"), finetune.default_schedule(512, "random")) \
+        == ((3e-4, 10.0), (1e-4, 10.0))
     assert finetune.default_schedule(128, "random") == finetune.default_schedule(128, "checkpoint")
     d = env["dir"]
     base = ["--init", env["init"], "--train", env["train"], "--batch-size", "16", "--max-len", "32", "--no-progress",
