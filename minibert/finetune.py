@@ -50,7 +50,8 @@ from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field,
     grad_scaler, load_train_state, log_scalars, open_tensorboard, optimizer_step, pick_device, plot_curves,
-    prepare_output, resolve_precision, rng_state, save_train_state, seed_everything, set_rng_state, set_threads,
+    prepare_output, resolve_attention, resolve_precision, rng_state, save_train_state, seed_everything, set_rng_state,
+    set_threads,
 )
 
 LOWER_IS_BETTER = ("mse", "mae")
@@ -135,9 +136,10 @@ class FinetuneConfig(RunOptions):
                         fixed=True)
     patience: int = field(0, "stop after this many evaluations without dev improvement (0 = never)", fixed=True)
     # -- how to run (the model's backend; RunOptions has device, precision, threads, compile)
-    attn_impl: Optional[str] = field(None, "attention backend (default: the checkpoint's, usually sdpa): math | sdpa "
-                                     "| flex (with --compile) | triton (CUDA); flex and triton apply no attention "
-                                     "dropout", choices=ATTN_IMPLS)
+    attn_impl: str = field("auto", "attention backend, all the same function: math | sdpa | flex (with --compile) | "
+                           "triton (CUDA); 'auto': math on the CPU under bf16 up to --max-len 128, where torch's "
+                           "fused kernel is the slower, else sdpa. flex and triton apply no attention dropout",
+                           choices=["auto", *ATTN_IMPLS])
     fused_kernels: bool = field(False, "fused add+LayerNorm and bias+GELU (Triton kernels on CUDA; the same function)")
     log_every: int = field(50, "print a log line every N steps")
     # -- hyper-parameter search (minibert.search)
@@ -475,15 +477,16 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     lr, epochs = default_schedule(learner.model.config.hidden_size, start)
     cfg = replace(cfg, lr=lr if cfg.lr is None else cfg.lr, epochs=epochs if cfg.epochs is None else cfg.epochs)
     log(f"learning rate {cfg.lr:g}, {cfg.epochs:g} epochs")
+    attn_impl = resolve_attention(cfg.attn_impl, device, cfg.precision, cfg.max_len)
     t0 = time.perf_counter()
     for split in (data.train, data.dev, data.test):
         if split is not None:
             split.items = learner.inputs.encode(split.texts, split.pairs)
     log(f"{len(data.train):,} training rows, {len(data.dev) if data.dev else 0:,} dev rows, "
         f"{len(data.test) if data.test else 0:,} test rows, labels {data.label_map.labels or 'regression'}; "
-        f"tokenised in {time.perf_counter() - t0:.1f}s; device {device}")
+        f"tokenised in {time.perf_counter() - t0:.1f}s; device {device}, attention {attn_impl}")
     for m in learner.modules():
-        m.set_backend(attn_impl=cfg.attn_impl, fused_kernels=cfg.fused_kernels)
+        m.set_backend(attn_impl=attn_impl, fused_kernels=cfg.fused_kernels)
         m.to(device)
         if cfg.compile:  # in place (parameter names unchanged); dynamic: every batch has its own length
             m.bert.compile(dynamic=True)

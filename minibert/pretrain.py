@@ -69,6 +69,7 @@ from .toolkit import (
     pick_device,
     plot_curves,
     prepare_output,
+    resolve_attention,
     resolve_precision,
     rng_state,
     save_train_state,
@@ -175,10 +176,11 @@ class PretrainConfig(RunOptions):
     norm_position: str = field("post", "'post': BERT's LayerNorm after each residual; 'pre': before (a deviation: "
                                "stabler at high learning rates, but other libraries load such a model as post-LN, "
                                "i.e. wrongly)", fixed=True, choices=["post", "pre"])
-    attn_impl: str = field("sdpa", "attention backend, all the same function: 'sdpa' (torch's fused kernel), 'math' "
+    attn_impl: str = field("auto", "attention backend, all the same function: 'sdpa' (torch's fused kernel), 'math' "
                            "(the readable one), 'flex' (FlexAttention, with --compile), 'triton' (minibert's "
-                           "FlashAttention kernel, CUDA). flex and triton apply no dropout to the attention "
-                           "probabilities", choices=list(ATTN_IMPLS))
+                           "FlashAttention kernel, CUDA); 'auto': math on the CPU under bf16 up to --seq-len 128, "
+                           "where torch's fused kernel is the slower, else sdpa. flex and triton apply no dropout "
+                           "to the attention probabilities", choices=["auto", *ATTN_IMPLS])
     fused_kernels: bool = field(False, "fused add+LayerNorm and bias+GELU (Triton kernels on CUDA) and the MLM "
                                 "decoder + loss taken in chunks so the (masked tokens, vocab) logits are never stored "
                                 "(any device); the same function")
@@ -461,11 +463,11 @@ def clear_previous_run(out: Path) -> None:
             p.unlink()
 
 
-def build_model(cfg: PretrainConfig, tok: Tokenizer) -> BertForPreTraining:
+def build_model(cfg: PretrainConfig, tok: Tokenizer, attn_impl: str) -> BertForPreTraining:
     """A new model of --preset, or --init's weights (which must include a masked-LM head)."""
     dropout = {} if cfg.dropout is None else {"dropout": cfg.dropout, "attention_dropout": cfg.dropout}
     if cfg.init:
-        model = BertForPreTraining.from_pretrained(cfg.init, attn_impl=cfg.attn_impl, fused_kernels=cfg.fused_kernels,
+        model = BertForPreTraining.from_pretrained(cfg.init, attn_impl=attn_impl, fused_kernels=cfg.fused_kernels,
                                                    **dropout)
         if any(n.startswith("mlm.") for n in model.load_report["initialised"]):
             raise UserError(f"--init {cfg.init}: the checkpoint has no masked-LM head (cls.predictions.*), so there "
@@ -473,7 +475,7 @@ def build_model(cfg: PretrainConfig, tok: Tokenizer) -> BertForPreTraining:
                             f"BertForMaskedLM folder")
         return model
     config = BertConfig.from_preset(cfg.preset, vocab_size=tok.vocab_size, norm_position=cfg.norm_position,
-                                    attn_impl=cfg.attn_impl, fused_kernels=cfg.fused_kernels, **dropout)
+                                    attn_impl=attn_impl, fused_kernels=cfg.fused_kernels, **dropout)
     model = BertForPreTraining(config)
     if cfg.position_init == "sinusoidal":
         init_positions_sinusoidal(model)
@@ -517,7 +519,8 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
         torch.distributed.barrier()
 
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    model = build_model(cfg, data.tok).to(device)
+    attn_impl = resolve_attention(cfg.attn_impl, device, cfg.precision, cfg.seq_len)
+    model = build_model(cfg, data.tok, attn_impl).to(device)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay)
     clock = Clock()
     if cfg.time_budget:
@@ -556,7 +559,7 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
     n_params = sum(p.numel() for p in model.parameters())
     source = f"--init {cfg.init}" if cfg.init else f"preset {cfg.preset}"
     log(f"model: {source}, {n_params / 1e6:.2f}M parameters, vocab {data.tok.vocab_size}, device {device}, "
-        f"{resolve_precision(cfg.precision, device)}, {dist.world} process(es), "
+        f"{resolve_precision(cfg.precision, device)}, attention {attn_impl}, {dist.world} process(es), "
         f"global batch {cfg.batch_size * cfg.grad_accum * dist.world}")
     return Run(model, net, opt, sched, scaler, data, dist, device, autocast(cfg.precision, device), out, metrics, tb,
                clock, best, checks, cfg.init is None or pretrained_here(cfg.init), step)

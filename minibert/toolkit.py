@@ -217,6 +217,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_attention(name: str, device: torch.device, precision: str, seq_len: int) -> str:
+    """--attn-impl for this run: auto -> 'math' on the CPU under bf16 for sequences up to 128 tokens,
+    'sdpa' everywhere else; an explicit name is kept. All backends compute the same function (tested).
+    Why: on the CPU torch's fused attention in bf16, its backward above all, is slower than the plain
+    product and softmax at these lengths, while in fp32 the two are level; past 128 tokens the plain
+    path's stored (T, T) scores grow with the square of the length, which the fused kernel never stores."""
+    if name != "auto":
+        return name
+    cpu_bf16 = torch.device(device).type == "cpu" and resolve_precision(precision, device) == "bf16"
+    return "math" if cpu_bf16 and seq_len <= 128 else "sdpa"
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The context a forward pass runs in: autocast to bf16/fp16 (matmuls in 16 bits, weights and
     optimizer state stay fp32), or nothing for fp32."""

@@ -164,6 +164,25 @@ def test_fused_kernels_and_triton_attention_train_the_same_model(env):
     assert "attn_impl" not in saved["minibert"] and "fused_kernels" not in saved["minibert"]
 
 
+def test_bf16_on_the_cpu_picks_the_plain_attention_and_trains_the_fused_kernels_model(env, capsys):
+    """--attn-impl auto under --precision bf16 on the CPU runs the plain product and softmax (the
+    faster one there); it is the same function as torch's fused kernel, so with no dropout the
+    two runs end at the same weights up to bf16 rounding."""
+    run(env, "bf16_auto", "--dropout", "0", "--precision", "bf16", data=("train",))
+    assert "attention math" in capsys.readouterr().out
+    run(env, "bf16_sdpa", "--dropout", "0", "--precision", "bf16", "--attn-impl", "sdpa", data=("train",))
+    assert "attention sdpa" in capsys.readouterr().out
+    a = load_file(str(env["dir"] / "bf16_auto/model/model.safetensors"))
+    b = load_file(str(env["dir"] / "bf16_sdpa/model/model.safetensors"))
+    before = load_file(str(Path(env["init"]) / "model.safetensors"))
+    for k in a.keys() & before.keys():  # the two runs differ by a small part of how far training moved k
+        if k.endswith("key.bias"):
+            continue  # softmax ignores a shift shared by all keys: its gradient is 0, its moves rounding noise
+        moved = (a[k] - before[k]).norm()
+        assert moved > 0, k
+        assert (a[k] - b[k]).norm() < 0.25 * moved, k  # measured: at most 0.11
+
+
 def test_partial_really_freezes(env):
     strategy_run(env, "partial")  # --freeze-layers 1
     before = load_file(str(Path(env["init"]) / "model.safetensors"))

@@ -275,6 +275,8 @@ def test_cpu_bf16_follows_the_float32_curve_and_scores_in_float32(setup, capsys)
     losses stay within 2% of float32 (bf16 keeps 8 bits of mantissa: ~0.4% per rounding), and
     the held-out scores are computed in float32, so the saved folder rescores exactly."""
     a, b = plain_and_flagged(setup, SIX_STEPS, "--precision bf16", ("fp32", "bf16"))
+    said = capsys.readouterr().out
+    assert "fp32, attention sdpa" in said and "bf16, attention math" in said  # --attn-impl auto's two choices
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-2)

@@ -239,6 +239,20 @@ def test_precision_auto_is_fp32_on_the_cpu_and_explicit_choices_are_checked():
         T.resolve_precision("fp64", cpu)
 
 
+def test_attention_auto_is_math_only_for_short_bf16_rows_on_the_cpu():
+    """--attn-impl auto picks the plain product and softmax where torch's fused CPU kernel is the
+    slower (bf16, up to 128 tokens: benchmarks/pretrain_results.md, thirteenth round) and the fused
+    kernel everywhere else; a named backend is never replaced."""
+    cpu = torch.device("cpu")
+    assert T.resolve_attention("auto", cpu, "bf16", 64) == "math"
+    assert T.resolve_attention("auto", cpu, "bf16", 128) == "math"
+    assert T.resolve_attention("auto", cpu, "bf16", 129) == "sdpa"  # the (T, T) scores grow as T squared
+    assert T.resolve_attention("auto", cpu, "fp32", 64) == "sdpa"
+    assert T.resolve_attention("auto", cpu, "auto", 64) == "sdpa"  # auto precision is fp32 on the CPU
+    assert T.resolve_attention("sdpa", cpu, "bf16", 64) == "sdpa"
+    assert T.resolve_attention("math", cpu, "fp32", 512) == "math"
+
+
 @pytest.mark.parametrize("precision,dtype", [("auto", torch.float32), ("fp32", torch.float32),
                                              ("bf16", torch.bfloat16)])
 def test_autocast_runs_a_linear_layer_in_the_chosen_precision_on_the_cpu(precision, dtype):

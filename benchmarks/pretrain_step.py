@@ -1,0 +1,106 @@
+"""Time one `minibert.pretrain` training step under several settings, in turns, in one process.
+
+    python benchmarks/pretrain_step.py --variant sdpa="--attn-impl sdpa" --variant math="--attn-impl math" \
+        -- --corpus ../shared/data/corpus --preset mini --precision bf16 --threads 2
+
+Everything after `--` is pretrain's own command line, shared by every variant; each --variant adds
+its flags to it (later flags win). Each variant gets its own run (model, optimizer, data stream)
+built by pretrain's `setup` and stepped by its `train_step`, so what is timed is the job's step:
+forward, backward, clipping and the fused AdamW update, for the same batches in every variant.
+After --warmup untimed steps (compilation happens there), --rounds rounds time --steps steps of
+each variant in turn, so a machine that slows down mid-run slows every variant alike. Printed:
+the median over rounds of the time per step, its ratio to the first variant, and the arithmetic
+rate, with each variant's FLOPs per step counted by torch's FlopCounterMode, beside the
+rate of the step's largest matrix product alone (the FFN up-projection, batch x seq tokens at
+width H to 4H), in the precision of the first variant.
+"""
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minibert import pretrain  # noqa: E402
+from minibert.bench import cpu_name  # noqa: E402
+from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
+
+
+def build(argv: list[str], out: Path):
+    cfg = parse_config(pretrain.PretrainConfig, argv + ["--max-steps", "1000000", "--out", str(out), "--overwrite",
+                                                        "--no-progress"], "pretrain_step", "")
+    device = pick_device(cfg.device)
+    set_threads(cfg.threads)
+    return cfg, pretrain.setup(cfg, device, init_distributed(device), lambda *a, **k: None)
+
+
+def step_flops(run, cfg) -> float:
+    """FLOPs of one step, counted on the uncompiled model (the same arithmetic)."""
+    net, run.net = run.net, run.model
+    with FlopCounterMode(display=False) as counter:
+        pretrain.train_step(run, cfg, False)
+    run.net = net
+    return counter.get_total_flops()
+
+
+def matmul_rate(tokens: int, hidden: int, precision: str, calls: int = 30) -> float:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, 4 * hidden, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * tokens * hidden * 4 * hidden / statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", action="append", required=True, metavar='NAME="FLAGS"',
+                   help="a named set of pretrain flags added to the shared ones; the first is the reference")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (compilation)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("shared", nargs=argparse.REMAINDER, help="-- then pretrain's flags for every variant")
+    args = p.parse_args()
+    shared = args.shared[1:] if args.shared[:1] == ["--"] else args.shared
+    variants = [v.partition("=") for v in args.variant]
+    tmp = Path(tempfile.mkdtemp(prefix="pretrain_step-"))
+    runs = [build(shared + shlex.split(flags), tmp / name) for name, _, flags in variants]
+    cfg0, run0 = runs[0]
+    flops = [step_flops(run, cfg) for cfg, run in runs]
+    for cfg, run in runs:
+        for _ in range(args.warmup):
+            pretrain.train_step(run, cfg, False)
+    seen = [[] for _ in runs]
+    for _ in range(args.rounds):
+        for k, (cfg, run) in enumerate(runs):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                pretrain.train_step(run, cfg, False)
+            seen[k].append((time.perf_counter() - t0) / args.steps)
+    precision = resolve_precision(cfg0.precision, run0.device)
+    tokens, hidden = cfg0.batch_size * cfg0.seq_len, run0.model.config.hidden_size
+    print(f"{cpu_name()}, torch {torch.__version__}, {cfg0.threads} threads: pretrain {' '.join(shared)}")
+    print(f"one step of the first variant: {flops[0] / 1e9:.1f} GFLOP; the FFN product alone "
+          f"({tokens} x {hidden} @ {hidden} x {4 * hidden}, {precision}): "
+          f"{matmul_rate(tokens, hidden, precision) / 1e9:.0f} GFLOP/s\n")
+    print("| variant | flags | ms per step (rounds) | vs first | GFLOP/s |")
+    print("| --- | --- | --- | ---: | ---: |")
+    ref = statistics.median(seen[0])
+    for (name, _, flags), times, n in zip(variants, seen, flops):
+        med = statistics.median(times)
+        print(f"| {name} | `{flags}` | {1000 * med:.0f} ({', '.join(f'{1000 * t:.0f}' for t in times)}) | "
+              f"{ref / med:.2f}x | {n / med / 1e9:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
