@@ -97,6 +97,7 @@ LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init co
 # preset) 1e-3 held the model on the frequent-token plateau for a whole hour, while 5e-4 left it
 # by step 2,000 (eleventh and twelfth rounds): the wider the post-LN model, the lower the rate it takes.
 WIDE_LR, WIDER_LR = 1e-3, 5e-4  # hidden <= 256 / wider
+SMALL_VOCAB, WIDE_VOCAB = 4096, 16384  # WordPiece pieces trained for hidden <= 128 / wider (default_vocab_size)
 
 
 def default_lr(hidden_size: int, init: bool) -> float:
@@ -104,6 +105,15 @@ def default_lr(hidden_size: int, init: bool) -> float:
     if init:
         return INIT_LR
     return LR if hidden_size <= 128 else WIDE_LR if hidden_size <= 256 else WIDER_LR
+
+
+def default_vocab_size(hidden_size: int) -> int:
+    """WordPiece pieces to train when --vocab-size is not given. Width 128 and under: 4,096, since
+    there the V-wide MLM decoder is most of a step, and 16,384 pieces cost the tiny model 2.7x its
+    steps and left it on the frequent-token plateau (benchmarks/pretrain_results.md, sixth round).
+    Wider: 16,384, which keeps four in five words of review text whole (4,096: two in three) for
+    1.4x the mini step, and fine-tuned better on every task measured (thirteenth round)."""
+    return SMALL_VOCAB if hidden_size <= 128 else WIDE_VOCAB
 
 
 # An hour or more of --time-budget gets the mini preset when --preset is not given: on 2 CPU cores
@@ -134,8 +144,9 @@ class PretrainConfig(RunOptions):
                         "600 steps, warmup 60", fixed=True, choices=list(RECIPES))
     tokenizer: Optional[str] = field(None, "reuse this tokenizer (folder, tokenizer.json or vocab.txt) instead of "
                                      "training one on the corpus")
-    vocab_size: int = field(4096, "size of the WordPiece vocabulary trained on the corpus (without --tokenizer)",
-                            fixed=True)
+    vocab_size: Optional[int] = field(None, "size of the WordPiece vocabulary trained on the corpus (without "
+                                      "--tokenizer; default: 4,096 pieces for presets of width 128 or less, "
+                                      "16,384 for wider ones)", fixed=True)
     errors: str = field("strict", "bytes that are not UTF-8: 'strict' stops with the file and byte offset, 'replace' "
                         "uses U+FFFD", fixed=True, choices=["strict", "replace"])
     cache_dir: Optional[str] = field(None, "where tokenized corpora are cached (default: $MINIBERT_CACHE or "
@@ -262,6 +273,8 @@ class PretrainConfig(RunOptions):
         if self.preset is None:  # --init brings its own architecture; the preset is then unused
             long_budget = self.recipe == "budget" and (self.time_budget or 0) >= MINI_FROM_MINUTES
             self.preset = "mini" if long_budget and not self.init else "tiny"
+        if self.vocab_size is None:
+            self.vocab_size = default_vocab_size(PRESETS[self.preset]["hidden_size"])
         if self.lr is None:  # --init: continued pretraining (benchmarks/pretrain_results.md, fifth round)
             self.lr = default_lr(PRESETS[self.preset]["hidden_size"], bool(self.init))
         self.nsp = self.nsp or (recipe["nsp"] and not self.no_nsp)

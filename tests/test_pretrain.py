@@ -539,6 +539,10 @@ def test_recipe_fills_only_the_flags_left_unset():
     # width 512 stays on the frequent-token plateau at 1e-3 (benchmarks/pretrain_results.md, eleventh round)
     assert (PretrainConfig(time_budget=60, preset="tiny").lr, PretrainConfig(preset="small").lr) == (2e-3, 5e-4)
     assert PretrainConfig(time_budget=60, lr=5e-4).lr == 5e-4
+    # the vocabulary follows the width: 4,096 pieces where the MLM decoder is most of the step,
+    # 16,384 wider (sixth and thirteenth rounds); --vocab-size wins, and the resolved size is saved
+    assert (cfg.vocab_size, hour.vocab_size, PretrainConfig(preset="small").vocab_size) == (4096, 16384, 16384)
+    assert PretrainConfig(time_budget=60, vocab_size=8192).vocab_size == 8192
     assert (PretrainConfig(recipe="bert", time_budget=60).preset, PretrainConfig(init="runs/p", time_budget=60).lr) \
         == ("tiny", 5e-4)
     assert PretrainConfig(**asdict(hour)) == hour
