@@ -27,6 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gemm_ceiling import rate  # noqa: E402  (this folder is on the path when run as a script)
 from minibert import pretrain  # noqa: E402
 from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
@@ -49,17 +50,10 @@ def step_flops(run, cfg) -> float:
     return counter.get_total_flops()
 
 
-def matmul_rate(tokens: int, hidden: int, precision: str, calls: int = 30) -> float:
+def matmul_rate(tokens: int, hidden: int, precision: str) -> float:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(tokens, hidden, dtype=dtype), torch.randn(hidden, 4 * hidden, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    return 2 * tokens * hidden * 4 * hidden / statistics.median(times)
+    return rate(lambda: a @ b, 2 * tokens * hidden * 4 * hidden)
 
 
 def main():
@@ -73,8 +67,8 @@ def main():
     args = p.parse_args()
     shared = args.shared[1:] if args.shared[:1] == ["--"] else args.shared
     variants = [v.partition("=") for v in args.variant]
-    tmp = Path(tempfile.mkdtemp(prefix="pretrain_step-"))
-    runs = [build(shared + shlex.split(flags), tmp / name) for name, _, flags in variants]
+    tmp = tempfile.TemporaryDirectory(prefix="pretrain_step-")  # each run's folder; removed at exit
+    runs = [build(shared + shlex.split(flags), Path(tmp.name) / name) for name, _, flags in variants]
     cfg0, run0 = runs[0]
     flops = [step_flops(run, cfg) for cfg, run in runs]
     for cfg, run in runs:

@@ -540,12 +540,14 @@ class MLMHead(nn.Module):
         return self.decode(self.transform(h))  # (..., V)
 
 
-def summed_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def summed_cross_entropy(logits: Tensor, labels: Tensor,
+                         pred: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The loss, defined once for every head that scores chosen positions (MLM, NSP):
     (fp32 sum of the cross-entropy over the rows whose label is not -100, how many of them
     the argmax gets right, how many there are). A trainer adds sums and counts over
     micro-batches and processes and divides once, so no batch is weighted by its size
-    twice; with no labelled row the sum is 0, not the NaN a mean would be."""
+    twice; with no labelled row the sum is 0, not the NaN a mean would be. `pred`: the
+    argmax, when the caller has already taken it (the V-wide MLM logits: not twice a step)."""
     logits = logits.reshape(-1, logits.size(-1))  # (N, C)
     labels = labels.reshape(-1)  # (N,)
     keep = labels != -100
@@ -553,7 +555,8 @@ def summed_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor
     loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     # max().indices, not argmax(): the same first maximum, but argmax over bf16 rows is a slow
     # scalar loop on CPUs, several times the cost of the V-wide decoder it follows
-    correct = ((logits.detach().max(-1).indices == labels) & keep).sum()
+    pred = logits.detach().max(-1).indices if pred is None else pred.reshape(-1)  # (N,)
+    correct = ((pred == labels) & keep).sum()
     return loss_sum, correct, keep.sum()
 
 
@@ -631,8 +634,9 @@ class BertForPreTraining(PretrainedModel):
             m_correct = (mlm_pred == targets).sum()
         else:
             mlm_logits = self.mlm.decode(x)  # (N, V)
-            m_sum, m_correct, m_count = summed_cross_entropy(mlm_logits, targets)
-            m_mean, mlm_pred = m_sum / m_count, mlm_logits.detach().max(-1).indices  # argmax, faster (above)
+            mlm_pred = mlm_logits.detach().max(-1).indices  # (N,) the argmax, faster (summed_cross_entropy)
+            m_sum, m_correct, m_count = summed_cross_entropy(mlm_logits, targets, mlm_pred)
+            m_mean = m_sum / m_count
         out = PreTrainingOutput(m_mean, mlm_logits, nsp_logits, m_mean, None, mlm_pred, m_sum, m_correct, m_count)
         if next_sentence_label is not None:
             out.nsp_loss_sum, out.nsp_correct, out.nsp_count = summed_cross_entropy(nsp_logits, next_sentence_label)
