@@ -543,6 +543,11 @@ def test_recipe_fills_only_the_flags_left_unset():
     # 16,384 wider (sixth and thirteenth rounds); --vocab-size wins, and the resolved size is saved
     assert (cfg.vocab_size, hour.vocab_size, PretrainConfig(preset="small").vocab_size) == (4096, 16384, 16384)
     assert PretrainConfig(time_budget=60, vocab_size=8192).vocab_size == 8192
+    # dropout follows the width too: 0 for tiny, 0.1 wider (fourteenth round); continued pretraining
+    # keeps 0, recipe bert the preset's (None), and --dropout wins
+    assert (cfg.dropout, hour.dropout, PretrainConfig(preset="small").dropout) == (0.0, 0.1, 0.1)
+    assert (PretrainConfig(init="runs/p", time_budget=60).dropout, PretrainConfig(recipe="bert", preset="mini").dropout,
+            PretrainConfig(time_budget=60, dropout=0.0).dropout) == (0.0, None, 0.0)
     assert (PretrainConfig(recipe="bert", time_budget=60).preset, PretrainConfig(init="runs/p", time_budget=60).lr) \
         == ("tiny", 5e-4)
     assert PretrainConfig(**asdict(hour)) == hour
