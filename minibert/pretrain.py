@@ -86,27 +86,27 @@ DEFAULT_CORPUS = [_DATA / "corpus" / "default_corpus.txt", _DATA / "reviews" / "
 # 'budget' is what benchmarks/pretrain_results.md measured to transfer best for a tiny model in
 # a few CPU minutes: no NSP (its loss and its 128-token pairs cost compute and teach the
 # pooler, not the words), 40% masking (Wettig et al. 2023: more predictions per step), 64-token
-# rows, dropout 0 for the tiny preset (a few minutes cannot overfit; wider presets: default_dropout),
-# sinusoidal start for the learned position
-# table, and 2,400 steps, because before about 1,000 steps a tiny model only predicts frequent
-# tokens and fine-tunes no better than random weights. 'bert' is the original recipe
-# (Devlin et al. 2019: NSP, 15% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions)
-# at the former step count. Both train the same standard BERT architecture.
+# rows, dropout 0 (a tiny model's few minutes cannot overfit; wider presets: default_dropout),
+# sinusoidal start for the learned position table, and 2,400 steps, because before about 1,000
+# steps a tiny model only predicts frequent tokens and fine-tunes no better than random weights.
+# 'bert' is the original recipe (Devlin et al. 2019: NSP, 15% masking, 128 tokens, the preset's
+# dropout, N(0, 0.02) positions) at the former step count. Both train the same standard BERT architecture.
 LR, INIT_LR = 2e-3, 5e-4  # peak AdamW rate from random weights / when --init continues a trained model
 # Wider than tiny, post-LN BERT diverged at 2e-3 (benchmarks/pretrain_results.md, "What else was
 # tried"); the mini hour of the fourth round trained smoothly at 1e-3. At width 512 (the small
 # preset) 1e-3 held the model on the frequent-token plateau for a whole hour, while 5e-4 left it
 # by step 2,000 (eleventh and twelfth rounds): the wider the post-LN model, the lower the rate it takes.
 WIDE_LR, WIDER_LR = 1e-3, 5e-4  # hidden <= 256 / wider
-SMALL_VOCAB, WIDE_VOCAB = 4096, 16384  # WordPiece pieces trained for hidden <= 128 / wider (default_vocab_size)
-WIDE_DROPOUT = 0.1  # the budget recipe's dropout for hidden > 128 (default_dropout)
+TINY_WIDTH = 128  # the tiny preset's hidden size: up to it, the defaults below are those tiny was measured with
+SMALL_VOCAB, WIDE_VOCAB = 4096, 16384  # WordPiece pieces for hidden <= TINY_WIDTH / wider (default_vocab_size)
+WIDE_DROPOUT = 0.1  # the budget recipe's dropout wider than TINY_WIDTH (default_dropout)
 
 
 def default_lr(hidden_size: int, init: bool) -> float:
     """Peak AdamW rate when --lr is not given."""
     if init:
         return INIT_LR
-    return LR if hidden_size <= 128 else WIDE_LR if hidden_size <= 256 else WIDER_LR
+    return LR if hidden_size <= TINY_WIDTH else WIDE_LR if hidden_size <= 256 else WIDER_LR
 
 
 def default_vocab_size(hidden_size: int) -> int:
@@ -115,19 +115,19 @@ def default_vocab_size(hidden_size: int) -> int:
     steps and left it on the frequent-token plateau (benchmarks/pretrain_results.md, sixth round).
     Wider: 16,384, which keeps four in five words of review text whole (4,096: two in three) for
     1.4x the mini step, and fine-tuned better on every task measured (thirteenth round)."""
-    return SMALL_VOCAB if hidden_size <= 128 else WIDE_VOCAB
+    return SMALL_VOCAB if hidden_size <= TINY_WIDTH else WIDE_VOCAB
 
 
-def default_dropout(hidden_size: int, recipe_dropout: float) -> float:
-    """The budget recipe's dropout when --dropout is not given. Width 128 and under keeps the
-    recipe's 0: the tiny preset's few minutes were measured without it (first to third rounds).
+def default_dropout(hidden_size: int) -> float:
+    """The budget recipe's dropout when --dropout is not given. Width 128 and under: 0, the
+    recipe's own: the tiny preset's few minutes were measured without it (first to third rounds).
     Wider, 0.1: the mini hour reads a corpus of 1.5 M words some 16 times; without dropout its
     training loss ended 0.71 below its held-out loss (with 0.1: 0.28), and with 0.1 it ran 18%
     fewer steps yet fine-tuned better on SST-2's 4,000 rows (78.3 against 76.7; random weights
     74.1), full set (83.5 against 82.95) and wordnet (71.9 against 70.4), worse on fortunes (65.1
     against 67.1) (benchmarks/pretrain_results.md, fourteenth round).
     A budget that reads its text about once cannot memorise it: --dropout 0 buys back the steps."""
-    return recipe_dropout if hidden_size <= 128 else WIDE_DROPOUT
+    return RECIPES["budget"]["dropout"] if hidden_size <= TINY_WIDTH else WIDE_DROPOUT
 
 
 # An hour or more of --time-budget gets the mini preset when --preset is not given: on 2 CPU cores
@@ -151,11 +151,11 @@ class PretrainConfig(RunOptions):
                               "checks their content, not their names")
     recipe: str = field("budget", "defaults for --nsp, --mlm-prob, --seq-len, --dropout, --position-init, --max-steps "
                         "and --warmup (a flag given explicitly wins). 'budget': no NSP, 40%% masking, 64 tokens, "
-                        "dropout 0 (0.1 wider than tiny), sinusoidal position start, 2400 steps, warmup 240; with --time-budget the same "
-                        "settings over the budget instead of the steps (the recipe that transferred best from a few "
-                        "CPU minutes; see benchmarks/pretrain_results.md). 'bert': the original "
-                        "BERT recipe: NSP, 15%% masking, 128 tokens, the preset's dropout, N(0, 0.02) positions, "
-                        "600 steps, warmup 60", fixed=True, choices=list(RECIPES))
+                        "dropout 0 (0.1 wider than tiny), sinusoidal position start, 2400 steps, warmup 240; with "
+                        "--time-budget the same settings over the budget instead of the steps (the recipe that "
+                        "transferred best from a few CPU minutes; see benchmarks/pretrain_results.md). 'bert': the "
+                        "original BERT recipe: NSP, 15%% masking, 128 tokens, the preset's dropout, N(0, 0.02) "
+                        "positions, 600 steps, warmup 60", fixed=True, choices=list(RECIPES))
     tokenizer: Optional[str] = field(None, "reuse this tokenizer (folder, tokenizer.json or vocab.txt) instead of "
                                      "training one on the corpus")
     vocab_size: Optional[int] = field(None, "size of the WordPiece vocabulary trained on the corpus (without "
@@ -194,7 +194,8 @@ class PretrainConfig(RunOptions):
                                   fixed=True, choices=list(PRESETS))
     dropout: Optional[float] = field(None, "dropout on hidden states and attention (default: by --recipe; recipe "
                                      "budget: 0 at width 128 or less and with --init, 0.1 wider, where an hour "
-                                     "rereads a small corpus many times; recipe bert: the preset's or --init's)", fixed=True)
+                                     "rereads a small corpus many times; recipe bert: the preset's or --init's)",
+                                     fixed=True)
     position_init: Optional[str] = field(None, "initial learned position table: 'random' (BERT's N(0, 0.02)) or "
                                          "'sinusoidal' (the sinusoidal encoding scaled to the same std: nearby "
                                          "positions start out alike; still a standard BERT) (default: by --recipe)",
@@ -288,8 +289,7 @@ class PretrainConfig(RunOptions):
             self.preset = "mini" if long_budget and not self.init else "tiny"
         if self.dropout is None and recipe["dropout"] is not None:  # recipe bert: the preset's or --init's
             # continued pretraining (--init) keeps the recipe's 0, as measured (fifth round)
-            self.dropout = recipe["dropout"] if self.init else default_dropout(PRESETS[self.preset]["hidden_size"],
-                                                                                recipe["dropout"])
+            self.dropout = recipe["dropout"] if self.init else default_dropout(PRESETS[self.preset]["hidden_size"])
         if self.vocab_size is None:
             self.vocab_size = default_vocab_size(PRESETS[self.preset]["hidden_size"])
         if self.lr is None:  # --init: continued pretraining (benchmarks/pretrain_results.md, fifth round)
