@@ -95,7 +95,9 @@ from .optim import build_optimizer
 from .strategies import PlainInputs
 from .tabular import LabelMap
 from .tokenizer import Tokenizer
-from .toolkit import UserError, autocast, cli_main, cpu_has_bf16, cpu_info, field, pick_device, resolve_precision, set_threads
+from .toolkit import (
+    UserError, autocast, cli_main, cpu_has_bf16, cpu_info, field, pick_device, resolve_precision, set_threads,
+)
 
 # bert-base-uncased's vocabulary: ids below 999 are [PAD], [unusedN], [UNK], [CLS], [SEP], [MASK]
 CLS_ID, SEP_ID, MASK_ID, FIRST_WORD_ID = 101, 102, 103, 999

@@ -242,8 +242,8 @@ class PretrainConfig(RunOptions):
                            "optimizer state stay fp32); fp16 (float16 autocast with a loss scaler, GPUs only). auto: "
                            "bf16 on CUDA, and with --time-budget also on CPUs with bfloat16 instructions "
                            "(AVX512-BF16, AMX: more steps in the same minutes); fp32 otherwise, so --max-steps runs "
-                           "reproduce across CPUs. Held-out evaluation is always fp32. Replaces the former --bf16 / --fp16 / "
-                           "--fp32 switches", fixed=True, choices=("auto", "fp32", "bf16", "fp16"))
+                           "reproduce across CPUs. Held-out evaluation is always fp32. Replaces the former "
+                           "--bf16 / --fp16 / --fp32 switches", fixed=True, choices=("auto", "fp32", "bf16", "fp16"))
     eval_only: bool = field(False, "evaluate the model saved in --out on the held-out split, print and exit")
     eval_every: int = field(100, "evaluate on the held-out split every this many steps (and at the end)")
     save_every: int = field(100, "write a checkpoint every this many steps (and at the end, and on Ctrl-C)")

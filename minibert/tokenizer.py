@@ -24,11 +24,19 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def _wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+    # a word over 100 characters becomes one [UNK], as in the tokenizer.json files of BERT
+    # checkpoints on the Hugging Face hub (Google's original tokenizer allows 200)
+    return models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+
+
 def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
     tok = _RustTokenizer(model)
     # BERT's normaliser: drop control chars, map whitespace to spaces, pad CJK chars with
     # spaces so each becomes its own word, lower-case and strip accents (uncased models)
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace + every punctuation char
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
@@ -49,7 +57,8 @@ class Tokenizer:
         # the specials are whole tokens wherever they appear in text, and decode() drops them
         # (as in Google's BERT tokenizer); they are in the vocabulary already, so no id changes
         self._tok.add_special_tokens(SPECIAL_TOKENS)
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        ids = (self._tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = ids
         self.special_ids = frozenset((self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id))
         # saved tokenizer.json files add [CLS]/[SEP] themselves, so other libraries use them as-is;
         # minibert encodes without it and adds the specials below, where a reader can see it.
@@ -72,7 +81,7 @@ class Tokenizer:
                 vocab[tok] = i
         if not vocab:
             raise ValueError(f"{vocab_file}: empty vocabulary")
-        return cls(_pipeline(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100), lowercase), lowercase)
+        return cls(_pipeline(_wordpiece(vocab), lowercase), lowercase)
 
     @classmethod
     def from_pretrained(cls, folder: Union[str, os.PathLike]) -> "Tokenizer":
@@ -150,7 +159,7 @@ class Tokenizer:
         tok = _pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
         tok.train(files, trainer)
         vocab = tok.get_vocab(with_added_tokens=False)
-        return cls(_pipeline(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100), lowercase), lowercase)
+        return cls(_pipeline(_wordpiece(vocab), lowercase), lowercase)
 
     def save(self, folder: Union[str, os.PathLike]) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
@@ -160,8 +169,10 @@ class Tokenizer:
         vocab = sorted(self._tok.get_vocab().items(), key=lambda kv: kv[1])
         atomic_write_text(folder / "vocab.txt", "".join(t + "\n" for t, _ in vocab))
         atomic_write(folder / "tokenizer.json", lambda tmp: self._tok.save(tmp))
-        specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
-        cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase, "model_max_length": self.model_max_length, **specials}
+        specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                    "mask_token": "[MASK]"}
+        cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.lowercase,
+               "model_max_length": self.model_max_length, **specials}
         atomic_write_text(folder / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
         atomic_write_text(folder / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
 
@@ -192,7 +203,9 @@ class Tokenizer:
         """Word-piece ids without special tokens, for many texts at once (parallel in Rust)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
-    def build_inputs(self, a: list[int], b: Optional[list[int]] = None, max_length: Optional[int] = None) -> tuple[list[int], list[int]]:
+    def build_inputs(
+        self, a: list[int], b: Optional[list[int]] = None, max_length: Optional[int] = None
+    ) -> tuple[list[int], list[int]]:
         """[CLS] A [SEP] (B [SEP]) with segment ids, after longest-first truncation to max_length."""
         a, b = list(a), (list(b) if b is not None else None)
         if max_length is not None:

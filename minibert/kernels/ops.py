@@ -211,8 +211,9 @@ def linear_cross_entropy(
 def _(
     hidden: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, ignore_index: int, chunk_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
+    rows = hidden.shape[:1]
     loss = hidden.new_empty((), dtype=torch.float32)
-    return loss, hidden.new_empty(hidden.shape[:1], dtype=torch.float32), hidden.new_empty(hidden.shape[:1], dtype=torch.long)
+    return loss, hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.long)
 
 
 @torch.library.custom_op("minibert::linear_cross_entropy_backward", mutates_args=())
