@@ -24,7 +24,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _wordpiece(vocab: dict[str, int]) -> models.WordPiece:
+def _wordpiece(vocab: Optional[dict[str, int]] = None) -> models.WordPiece:  # None: empty, to be trained
     # a word over 100 characters becomes one [UNK], as in the tokenizer.json files of BERT
     # checkpoints on the Hugging Face hub (Google's original tokenizer allows 200)
     return models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
@@ -156,7 +156,7 @@ class Tokenizer:
             continuing_subword_prefix="##",
             show_progress=show_progress,
         )
-        tok = _pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
+        tok = _pipeline(_wordpiece(), lowercase)
         tok.train(files, trainer)
         vocab = tok.get_vocab(with_added_tokens=False)
         return cls(_pipeline(_wordpiece(vocab), lowercase), lowercase)
