@@ -135,13 +135,15 @@ def resolve_model_dir(path: PathLike) -> Path:
 # Written by minibert.pretrain beside the model files of model/ and best/: the model was pretrained
 # here, for CPU minutes or GPU hours rather than the days behind a published checkpoint, and
 # finetune's default schedule (finetune.default_schedule) gives it larger steps for longer.
+# minibert.finetune writes it too when it started from such a model or from random weights.
 PRETRAINED_HERE = "pretraining.json"
 
 
 def pretrained_here(path: PathLike) -> bool:
     """Whether minibert.pretrain trained this model folder's (or run folder's) model from random
-    weights, or continued such a model; False for published checkpoints and for folders whose
-    mark cannot be read."""
+    weights, or continued such a model, or minibert.finetune trained it from such a model or from
+    random weights; False for published checkpoints (and what was fine-tuned from them) and for
+    folders whose mark cannot be read."""
     try:
         mark = json.loads((resolve_model_dir(path) / PRETRAINED_HERE).read_text(encoding="utf-8"))
     except (CheckpointError, OSError, ValueError):
@@ -160,7 +162,8 @@ MODEL_FILES = frozenset(
 def replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
     """fill(tmp) writes a new model folder into a sibling temp folder, which then replaces
     `folder` as a whole: the old folder is renamed aside, the new one renamed in, the old
-    one's files that are not model files moved into the new one, and the rest removed."""
+    one's files that are not model files and that fill did not write moved into the new one,
+    and the rest removed."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"cannot write {folder}: it is a file, not a folder")
@@ -194,8 +197,10 @@ def replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
     if old.exists():
         try:
             for entry in old.iterdir():
-                if entry.name not in MODEL_FILES and not re.match(r"\..*\.tmp-", entry.name):
-                    os.rename(entry, folder / entry.name)  # a run's other files stay with it
+                # a run's other files stay with it, unless fill wrote a new one of that name
+                if entry.name not in MODEL_FILES and not re.match(r"\..*\.tmp-", entry.name) \
+                        and not (folder / entry.name).exists():
+                    os.rename(entry, folder / entry.name)
         except OSError as e:
             why = f"{e.strerror or e} (files of the old folder are kept in {old})"
             raise CheckpointError(f"cannot write {folder}: {why}") from None

@@ -439,7 +439,8 @@ def test_model(out: Path, test: Split, cfg: FinetuneConfig, device: torch.device
 def default_schedule(hidden_size: int, start: str = "checkpoint") -> tuple[float, float]:
     """(peak learning rate, epochs) when --lr / --epochs are not given, by the encoder's width and
     where its weights come from: "checkpoint" (published, pretrained for days), "here" (by
-    minibert.pretrain, checkpoint.pretrained_here) or "random" (--from-scratch, or no --init).
+    minibert.pretrain, or fine-tuned from such a start: checkpoint.pretrained_here) or "random"
+    (--from-scratch, or no --init).
 
     A BERT-base-like checkpoint (hidden >= 384) fine-tunes with small steps for a few epochs
     (Devlin et al.'s 2e-5..5e-5, 2-4 epochs). The small models pretrained here barely move at
@@ -475,6 +476,10 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     start = ("random" if cfg.from_scratch or src is None else
              "here" if checkpoint.pretrained_here(src) else "checkpoint")
     lr, epochs = default_schedule(learner.model.config.hidden_size, start)
+    if start != "checkpoint":  # fine-tuning does not make a short pretraining long: a later fine-tune knows
+        mark = {"fine_tuned_by": "minibert.finetune", "init": str(src) if src else None, "start": start,
+                "short_pretraining": True}
+        learner.extra_files[checkpoint.PRETRAINED_HERE] = json.dumps(mark, indent=2) + "\n"
     cfg = replace(cfg, lr=lr if cfg.lr is None else cfg.lr, epochs=epochs if cfg.epochs is None else cfg.epochs)
     log(f"learning rate {cfg.lr:g}, {cfg.epochs:g} epochs")
     attn_impl = resolve_attention(cfg.attn_impl, device, cfg.precision, cfg.max_len)

@@ -446,10 +446,11 @@ def save_model(run: Run, cfg: PretrainConfig, folder: Path) -> None:
     """An HF-format model folder, marked as pretrained here (checkpoint.PRETRAINED_HERE). Continued
     pretraining of a published checkpoint (--init) keeps what it started from: mostly that
     checkpoint's training, so finetune treats it as a published checkpoint."""
-    run.model.save_pretrained(folder, tokenizer=run.data.tok)
     mark = {"pretrained_by": "minibert.pretrain", "step": run.step, "init": cfg.init,
             "short_pretraining": run.short_pretraining}
-    atomic_write_text(folder / PRETRAINED_HERE, json.dumps(mark, indent=2) + "\n")
+    # in the folder's swap, so model/ never holds one step's weights beside another step's mark
+    run.model.save_pretrained(folder, tokenizer=run.data.tok,
+                              extra_files={PRETRAINED_HERE: json.dumps(mark, indent=2) + "\n"})
 
 
 def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:

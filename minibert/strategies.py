@@ -464,6 +464,7 @@ class Strategy:
         self.inputs: Any = (PackedInputs if getattr(cfg, "pack", False) else PlainInputs)(tok, cfg.max_len)
         self.class_weight: Optional[Tensor] = None
         self.notes: dict = {}  # facts about the set-up, for metrics.json
+        self.extra_files: dict[str, str] = {}  # name -> text, saved in the model folder (finetune's marks)
 
     @classmethod
     def check_options(cls, cfg: Any, defaults: Any) -> None:
@@ -485,7 +486,7 @@ class Strategy:
         return self.model.bert.embeddings.tok
 
     def save(self, out: Path) -> None:
-        self.model.save_pretrained(out / "model", tokenizer=self.tok)
+        self.model.save_pretrained(out / "model", tokenizer=self.tok, extra_files=self.extra_files)
 
     def state_dict(self) -> dict:
         return {"modules": [m.state_dict() for m in self.modules()]}
@@ -519,7 +520,8 @@ class LoRA(Strategy):
 
     def save(self, out: Path) -> None:
         # the saved folder is a plain BERT: W + (alpha / r) B A, no adapters
-        merge_lora(copy.deepcopy(self.model)).save_pretrained(out / "model", tokenizer=self.tok)
+        merge_lora(copy.deepcopy(self.model)).save_pretrained(out / "model", tokenizer=self.tok,
+                                                              extra_files=self.extra_files)
 
 
 class PromptTuning(Strategy):
@@ -549,7 +551,8 @@ class PromptTuning(Strategy):
 
     def save(self, out: Path) -> None:
         prompt = json.dumps(self.inputs.to_dict(), indent=2) + "\n"
-        self.model.save_pretrained(out / "model", tokenizer=self.tok, extra_files={"prompt.json": prompt})
+        self.model.save_pretrained(out / "model", tokenizer=self.tok,
+                                   extra_files={**self.extra_files, "prompt.json": prompt})
 
 
 class Bidirectional(Strategy):
@@ -597,7 +600,7 @@ class Bidirectional(Strategy):
 
     def save(self, out: Path) -> None:
         super().save(out)
-        self.pre.save_pretrained(out / "pretrained_updated", tokenizer=self.tok)
+        self.pre.save_pretrained(out / "pretrained_updated", tokenizer=self.tok, extra_files=self.extra_files)
 
     def after_training(self, out: Path, held_texts: Sequence[str], device: torch.device) -> dict:
         """M_pre's held-out MLM accuracy as it started and as kept (read back from disk)."""

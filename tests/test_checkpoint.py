@@ -249,6 +249,11 @@ def test_save_replaces_the_model_files_as_a_whole_and_keeps_a_runs_other_files(t
     assert names == ["config.json", "metrics.jsonl", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no temp folder left
     assert torch.equal(BertModel.from_pretrained(folder).pooler.weight, new.pooler.weight)
+    # a run's file that the new save writes itself (a mark beside the model) is the new one, not the old
+    (folder / "mark.json").write_text("old")
+    new.save_pretrained(folder, extra_files={"mark.json": "new"})
+    assert (folder / "mark.json").read_text() == "new" and (folder / "metrics.jsonl").read_text() == "{}\n"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

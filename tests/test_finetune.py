@@ -589,6 +589,18 @@ def test_the_default_learning_rate_and_epochs_follow_the_models_width(env):
         saved = json.loads((d / f"wide-{name}" / "run_config.json").read_text())
         chosen[name] = saved["lr"], saved["epochs"]
     assert chosen == {"published": (5e-5, 3.0), "random": (1e-4, 10.0), "here": (3e-4, 10.0)}
+    # what was fine-tuned keeps where it came from: from a short pretraining or from random weights it is no
+    # published checkpoint, and a second fine-tune (another task after the first) takes the larger steps too
+    again = {}
+    for name in chosen:
+        argv = [*base[2:], "--init", str(d / f"wide-{name}"), "--out", str(d / f"wide-{name}-again")]
+        assert finetune.main(argv) == 0
+        saved = json.loads((d / f"wide-{name}-again" / "run_config.json").read_text())
+        again[name] = saved["lr"], saved["epochs"]
+    assert again == {"published": (5e-5, 3.0), "random": (3e-4, 10.0), "here": (3e-4, 10.0)}
+    mark = json.loads((d / "wide-random" / "model" / PRETRAINED_HERE).read_text())
+    assert (mark["start"], mark["short_pretraining"]) == ("random", True)
+    assert not (d / "wide-published" / "model" / PRETRAINED_HERE).exists()
 
 
 EVAL_TAGS = {f"eval/dev_{k}" for k in ("accuracy", "f1", "precision", "recall", "macro_f1", "weighted_f1")}
