@@ -151,6 +151,13 @@ def pretrained_here(path: PathLike) -> bool:
     return isinstance(mark, dict) and mark.get("short_pretraining") is True
 
 
+def here_mark(**fields) -> dict[str, str]:
+    """save_pretrained's extra_files entry for the mark: PRETRAINED_HERE -> the fields as JSON.
+    Every command that writes a model folder marks it the same way; the fields say which command
+    and from what, and short_pretraining (True or False) is what pretrained_here reads."""
+    return {PRETRAINED_HERE: json.dumps(fields, indent=2) + "\n"}
+
+
 # Files that make up a model folder: replaced together by save_pretrained. Anything else in
 # the folder (a run's train_state.pt, metrics, sub-folders) is carried over untouched.
 MODEL_FILES = frozenset(

@@ -70,7 +70,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .augment import augment
-from .checkpoint import atomic_write, atomic_write_text, resolve_model_dir
+from .checkpoint import atomic_write, atomic_write_text, here_mark, pretrained_here, resolve_model_dir
 from .finetune import evaluate, random_batches, read_split
 from .model import PRESETS, BertConfig, BertForSequenceClassification
 from .optim import adamw, param_groups, warmup_linear
@@ -443,6 +443,12 @@ def run(cfg: DistillConfig, log=print) -> dict:
 
     seed_everything(cfg.seed)  # a random student's initialisation depends on --seed only
     student, s_tok, what = build_student(cfg.student, teacher, log)
+    # the student's weights come from a preset's random start, the teacher's layers or a folder; if
+    # that is no published checkpoint, the saved student is marked so a later fine-tune treats it so
+    start = ("random" if cfg.student in PRESETS else
+             "here" if pretrained_here(t_dir if student_dir is None else student_dir) else "checkpoint")
+    mark = here_mark(distilled_by="minibert.distill", init=cfg.student, teacher=str(t_dir), start=start,
+                     short_pretraining=True) if start != "checkpoint" else None
     s_tok.model_max_length = max_len  # saved with the tokenizer, so predict truncates the same way
     s_inputs = PlainInputs(s_tok, max_len)
     s_items, t_items = s_inputs.encode(texts, pairs), teacher.inputs.encode(texts, pairs)
@@ -532,20 +538,20 @@ def run(cfg: DistillConfig, log=print) -> dict:
             at_check = step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0
             if at_check or step == total:
                 if dev_eval is None:
-                    student.save_pretrained(out / "model", tokenizer=s_tok)
+                    student.save_pretrained(out / "model", tokenizer=s_tok, extra_files=mark)
                 else:
                     d = dev_eval()
                     log_file.write({"kind": "eval", "step": step, **{f"dev_{k}": v for k, v in d.items()}})
                     log(f"eval step {step}: dev " + " ".join(f"{k} {v:.4f}" for k, v in d.items()))
                     metric = "accuracy" if "accuracy" in d else "pearson"
                     if keep.update(d[metric], step):
-                        student.save_pretrained(out / "model", tokenizer=s_tok)
+                        student.save_pretrained(out / "model", tokenizer=s_tok, extra_files=mark)
                         best = {"step": step, "dev": d}
                     student.train()
             if step >= total:
                 break
     if total == 0:
-        student.save_pretrained(out / "model", tokenizer=s_tok)
+        student.save_pretrained(out / "model", tokenizer=s_tok, extra_files=mark)
     results.update(dev=best["dev"], train={"steps": step, "seconds": round(time.perf_counter() - t0, 2),
                                            "best_step": best["step"], "device": str(device)})
     if test is not None:  # the kept student (best on dev), as predict will load it, never chosen on test

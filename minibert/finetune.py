@@ -477,9 +477,9 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
              "here" if checkpoint.pretrained_here(src) else "checkpoint")
     lr, epochs = default_schedule(learner.model.config.hidden_size, start)
     if start != "checkpoint":  # fine-tuning does not make a short pretraining long: a later fine-tune knows
-        mark = {"fine_tuned_by": "minibert.finetune", "init": str(src) if src else None, "start": start,
-                "short_pretraining": True}
-        learner.extra_files[checkpoint.PRETRAINED_HERE] = json.dumps(mark, indent=2) + "\n"
+        learner.extra_files.update(checkpoint.here_mark(fine_tuned_by="minibert.finetune",
+                                                        init=str(src) if src else None, start=start,
+                                                        short_pretraining=True))
     cfg = replace(cfg, lr=lr if cfg.lr is None else cfg.lr, epochs=epochs if cfg.epochs is None else cfg.epochs)
     log(f"learning rate {cfg.lr:g}, {cfg.epochs:g} epochs")
     attn_impl = resolve_attention(cfg.attn_impl, device, cfg.precision, cfg.max_len)

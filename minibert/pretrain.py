@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from . import pretraining_data as pd
-from .checkpoint import (MODEL_FILES, PRETRAINED_HERE, CheckpointError, atomic_write_text, pretrained_here,
+from .checkpoint import (MODEL_FILES, CheckpointError, atomic_write_text, here_mark, pretrained_here,
                          resolve_model_dir)
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, sinusoidal_encoding
 from .optim import build_optimizer, warmup_linear, warmup_linear_by_time
@@ -446,11 +446,10 @@ def save_model(run: Run, cfg: PretrainConfig, folder: Path) -> None:
     """An HF-format model folder, marked as pretrained here (checkpoint.PRETRAINED_HERE). Continued
     pretraining of a published checkpoint (--init) keeps what it started from: mostly that
     checkpoint's training, so finetune treats it as a published checkpoint."""
-    mark = {"pretrained_by": "minibert.pretrain", "step": run.step, "init": cfg.init,
-            "short_pretraining": run.short_pretraining}
+    mark = here_mark(pretrained_by="minibert.pretrain", step=run.step, init=cfg.init,
+                     short_pretraining=run.short_pretraining)
     # in the folder's swap, so model/ never holds one step's weights beside another step's mark
-    run.model.save_pretrained(folder, tokenizer=run.data.tok,
-                              extra_files={PRETRAINED_HERE: json.dumps(mark, indent=2) + "\n"})
+    run.model.save_pretrained(folder, tokenizer=run.data.tok, extra_files=mark)
 
 
 def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:

@@ -34,6 +34,8 @@ time nor disk space; it is here for the accuracy-vs-sparsity curve. A later fine
 (recovery) may make the zeros non-zero again.
 
 The pruned model is a model folder like any other: predict, finetune --init and export read it.
+A model pretrained here (checkpoint.pretrained_here) keeps its mark when pruned, so a recovery
+fine-tune gets the schedule of a short pretraining.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from torch import Tensor
 from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
-from .checkpoint import atomic_write, atomic_write_text, resolve_model_dir
+from .checkpoint import atomic_write, atomic_write_text, here_mark, pretrained_here, resolve_model_dir
 from .finetune import evaluate
 from .model import BertModel
 from .predict import Classifier, score_items, to_device
@@ -347,7 +349,9 @@ def run(cfg: PruneConfig, log=print) -> dict:
         report.update(what, parameters_after=count_parameters(model), heads_per_layer=model.config.heads_per_layer,
                       intermediate_per_layer=model.config.intermediate_per_layer)
         prompt = src / "prompt.json"
-        extra = {"prompt.json": prompt.read_text(encoding="utf-8")} if prompt.exists() else None
+        extra = {"prompt.json": prompt.read_text(encoding="utf-8")} if prompt.exists() else {}
+        if pretrained_here(src):  # a pruned short pretraining is still one: a later fine-tune keeps its schedule
+            extra.update(here_mark(pruned_by="minibert.prune", init=str(src), short_pretraining=True))
         model.save_pretrained(out, tokenizer=clf.tok, extra_files=extra)
         if dev is not None:
             pruned = Classifier(out, device=str(device), batch_size=cfg.batch_size, max_len=cfg.max_len)

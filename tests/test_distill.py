@@ -10,12 +10,14 @@ every transfer term is exactly zero; the teacher's own tensors for the layer-sub
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
 
 from minibert import BertConfig, BertForSequenceClassification, Tokenizer
 from minibert import augment, distill
+from minibert.checkpoint import PRETRAINED_HERE, pretrained_here
 from minibert.predict import Classifier
 
 
@@ -235,6 +237,24 @@ def test_a_random_student_imitates_the_teacher_better_after_a_few_steps(env):
     assert student.tok.encode_ids(WORDS) == Classifier(env["teacher"]).tok.encode_ids(WORDS)
     logged = [json.loads(line) for line in (env["dir"] / "preset" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "train" and "soft" in r and "hard" in r for r in logged)
+
+
+def test_a_student_not_taken_from_a_published_checkpoint_is_marked_for_finetunes_schedule(env):
+    # checkpoint.pretrained_here picks finetune's schedule: a preset's random start, or the layers of a
+    # teacher that was itself pretrained here, is no published pretraining; a published teacher's layers are
+    marked = env["dir"] / "marked-teacher"
+    shutil.copytree(env["teacher"], marked)
+    (marked / PRETRAINED_HERE).write_text(json.dumps({"short_pretraining": True}), encoding="utf-8")
+    layers = ("--student", "teacher-layers:0,2", "--epochs", "1")
+    run(env, "mark-preset", "--student", "tiny", "--epochs", "1")
+    run(env, "mark-layers", *layers)
+    run({**env, "teacher": str(marked)}, "mark-layers-here", *layers)
+    starts = {}
+    for out in ("mark-preset", "mark-layers", "mark-layers-here"):
+        f = env["dir"] / out / "model" / PRETRAINED_HERE
+        starts[out] = json.loads(f.read_text())["start"] if f.exists() else None
+        assert pretrained_here(env["dir"] / out) == (starts[out] is not None)
+    assert starts == {"mark-preset": "random", "mark-layers": None, "mark-layers-here": "here"}
 
 
 def test_hidden_and_attention_transfer_train_through_a_projection_that_is_not_saved(env):

@@ -10,6 +10,7 @@ to a count of zeros; the saved folder to the model in memory.
 import copy
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from minibert import BertConfig, BertForSequenceClassification, CheckpointError, Tokenizer
 from minibert import finetune, prune
-from minibert.checkpoint import config_to_hf
+from minibert.checkpoint import PRETRAINED_HERE, config_to_hf, pretrained_here
 from minibert.predict import Classifier, to_device
 
 H, NH, HS, I = 32, 4, 8, 64  # noqa: E741
@@ -221,6 +222,19 @@ def test_the_command_removes_the_least_important_half_of_the_heads_and_the_folde
             "--batch-size", "8", "--max-len", "32", "--no-progress", "--threads", "1"]
     assert finetune.main(argv) == 0
     assert Classifier(env["dir"] / "recovered").model.config.heads_per_layer == report["heads_per_layer"]
+
+
+def test_a_pruned_short_pretraining_keeps_its_mark_and_a_pruned_published_model_gets_none(env):
+    # the mark (checkpoint.pretrained_here) picks finetune's schedule for a recovery fine-tune
+    marked = env["dir"] / "marked"
+    shutil.copytree(env["clf"], marked)
+    (marked / PRETRAINED_HERE).write_text(json.dumps({"short_pretraining": True}), encoding="utf-8")
+    for src, out in ((marked, "pruned-marked"), (env["clf"], "pruned-plain")):
+        assert prune.main(["--model", str(src), "--data", env["train"], "--out", str(env["dir"] / out),
+                           "--batch-size", "8", "--threads", "1", "--heads", "0.25"]) == 0
+    assert pretrained_here(env["dir"] / "pruned-marked") and not pretrained_here(env["dir"] / "pruned-plain")
+    mark = json.loads((env["dir"] / "pruned-marked" / PRETRAINED_HERE).read_text())
+    assert mark["pruned_by"] == "minibert.prune" and mark["init"] == str(marked)
 
 
 def test_the_curve_scores_each_kind_of_pruning_and_agrees_with_the_saved_model(env):
