@@ -3,7 +3,9 @@
     python benchmarks/gemm_ceiling.py --threads 2 [--rounds 4]
 
 Times the largest product of a MiniLM forward pass at batch 32 x 128 (4096 x 384 @ 384 x 1536,
-the FFN up-projection) in torch fp32, in ONNX Runtime fp32 (a one-node MatMul graph) and in
+the FFN up-projection; --shape for another) in torch fp32, in ONNX Runtime fp32 (a one-node
+MatMul graph, with B a constant as in an exported model, and with B fed at every call as
+training's changing weights would be) and in
 ONNX Runtime int8 (a one-node MatMulInteger graph, u8 activations x s8 weights, as its dynamic
 quantization emits). A whole model cannot run faster than its largest matmul runs alone, so
 these rates, beside the hardware's peak from benchmarks/cpu_peak.c, bound every row of
@@ -32,23 +34,27 @@ def rate(fn, ops, calls=30):
     return ops / statistics.median(timed(fn, CPU) for _ in range(calls))
 
 
-def one_node_session(op, a, b, threads):
+def one_node_session(op, a, b, threads, b_constant=True):
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     elem = {np.float32: TensorProto.FLOAT, np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
     out_type = TensorProto.INT32 if op == "MatMulInteger" else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("a", elem[a.dtype.type], a.shape)]
+    if not b_constant:  # fed with every call, as a weight that training changes each step
+        inputs.append(helper.make_tensor_value_info("b", elem[b.dtype.type], b.shape))
     graph = helper.make_graph(
-        [helper.make_node(op, ["a", "b"], ["y"])], "product",
-        [helper.make_tensor_value_info("a", elem[a.dtype.type], a.shape)],
+        [helper.make_node(op, ["a", "b"], ["y"])], "product", inputs,
         [helper.make_tensor_value_info("y", out_type, (a.shape[0], b.shape[1]))],
-        initializer=[onnx.numpy_helper.from_array(b, "b")])  # the weight is a constant, as in the model
+        # a constant weight, as in an exported model, which ONNX Runtime packs once when it loads
+        initializer=[onnx.numpy_helper.from_array(b, "b")] if b_constant else [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return lambda: session.run(None, {"a": a})
+    feeds = {"a": a} if b_constant else {"a": a, "b": b}
+    return lambda: session.run(None, feeds)
 
 
 def main():
@@ -68,6 +74,8 @@ def main():
     runs = {
         "torch fp32 matmul (GFLOP/s)": lambda: ta @ tb,
         "ONNX Runtime fp32 MatMul (GFLOP/s)": one_node_session("MatMul", a32, b32, args.threads),
+        "ONNX Runtime fp32 MatMul, B fed each call (GFLOP/s)": one_node_session("MatMul", a32, b32, args.threads,
+                                                                               b_constant=False),
         "ONNX Runtime int8 MatMulInteger u8 x s8 (GOP/s)": one_node_session("MatMulInteger", a8, b8, args.threads),
     }
     seen = {name: [] for name in runs}

@@ -13,9 +13,14 @@ the median over rounds of the time per step, its ratio to the first variant, and
 rate, with each variant's FLOPs per step counted by torch's FlopCounterMode, beside the
 rate of the step's largest matrix product alone (the FFN up-projection, batch x seq tokens at
 width H to 4H), in the precision of the first variant.
+
+--profile then runs --steps more steps of each variant under torch.profiler and sums the ops'
+self CPU time into kinds (matrix products, attention, dropout, the optimizer and clipping, ...),
+so the step's time that is not arithmetic at the product's rate can be read off.
 """
 
 import argparse
+import re
 import shlex
 import statistics
 import sys
@@ -28,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemm_ceiling import rate  # noqa: E402  (this folder is on the path when run as a script)
+from profile_cpu import KINDS  # noqa: E402
 from minibert import pretrain  # noqa: E402
 from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
@@ -56,6 +62,23 @@ def matmul_rate(tokens: int, hidden: int, precision: str) -> float:
     return rate(lambda: a @ b, 2 * tokens * hidden * 4 * hidden)
 
 
+# a training step's own kinds first (log_softmax is the loss, not attention), then the forward's
+TRAIN_KINDS = [("dropout", r"bernoulli|dropout"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
+               ("loss and embeddings", r"cross_entropy|nll_loss|log_softmax|embedding"), *KINDS]
+
+
+def profile(run, cfg, steps: int) -> dict[str, float]:
+    """Self CPU milliseconds per step, summed by TRAIN_KINDS (the first pattern that matches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            pretrain.train_step(run, cfg, False)
+    kinds = dict.fromkeys([k for k, _ in TRAIN_KINDS] + ["the rest"], 0.0)
+    for e in prof.key_averages():
+        kinds[next((k for k, pattern in TRAIN_KINDS if re.search(pattern, e.key)), "the rest")] += \
+            e.self_cpu_time_total / steps / 1e3
+    return kinds
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variant", action="append", required=True, metavar='NAME="FLAGS"',
@@ -63,6 +86,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10, help="untimed steps per variant first (compilation)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="then where each variant's step time goes, by kind of op")
     p.add_argument("shared", nargs=argparse.REMAINDER, help="-- then pretrain's flags for every variant")
     args = p.parse_args()
     shared = args.shared[1:] if args.shared[:1] == ["--"] else args.shared
@@ -94,6 +118,15 @@ def main():
         med = statistics.median(times)
         print(f"| {name} | `{flags}` | {1000 * med:.0f} ({', '.join(f'{1000 * t:.0f}' for t in times)}) | "
               f"{ref / med:.2f}x | {n / med / 1e9:.0f} |")
+    if args.profile:
+        seen = [profile(run, cfg, args.steps) for cfg, run in runs]
+        print("\n| self CPU ms per step | " + " | ".join(name for name, _, _ in variants) + " |")
+        print("| --- |" + " ---: |" * len(variants))
+        for k in seen[0]:
+            print(f"| {k} | " + " | ".join(f"{ms[k]:.0f}" for ms in seen) + " |")
+        print("| all profiled ops | " + " | ".join(f"{sum(ms.values()):.0f}" for ms in seen) + " |")
+        print("| GFLOP/s of matrix products and attention | " + " | ".join(
+            f"{n / (ms['matmul'] + ms['attention']) / 1e6:.0f}" for n, ms in zip(flops, seen)) + " |")
 
 
 if __name__ == "__main__":

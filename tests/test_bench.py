@@ -5,6 +5,7 @@ and its accuracies against minibert.predict's own predictions on the same file."
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -413,4 +414,24 @@ def test_the_gemm_ceiling_times_the_products_it_names(benchmark_script):
     a32, b32 = rng.standard_normal((64, 48), dtype=np.float32), rng.standard_normal((48, 40), dtype=np.float32)
     (y32,) = gemm.one_node_session("MatMul", a32, b32, threads=1)()
     np.testing.assert_allclose(y32, a32.astype(np.float64) @ b32.astype(np.float64), rtol=1e-4, atol=1e-4)
+    (y32_fed,) = gemm.one_node_session("MatMul", a32, b32, threads=1, b_constant=False)()  # B as an input
+    np.testing.assert_allclose(y32_fed, y32, rtol=1e-5, atol=1e-5)
     assert gemm.rate(lambda: None, ops=1e9, calls=3) > 0
+
+
+def test_the_step_profile_sorts_a_training_steps_ops_into_the_kinds_it_names(benchmark_script, monkeypatch):
+    """benchmarks/pretrain_step.py --profile sums op times by the first pattern that matches: the
+    loss's log_softmax must not count as attention, nor LayerNorm as clipping."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    step = benchmark_script("pretrain_step")
+    want = {"aten::bernoulli_": "dropout", "aten::native_dropout": "dropout",
+            "aten::_fused_adamw_": "optimizer and clipping", "aten::linalg_vector_norm": "optimizer and clipping",
+            "aten::_foreach_norm": "optimizer and clipping",
+            "aten::_log_softmax": "loss and embeddings", "aten::_log_softmax_backward_data": "loss and embeddings",
+            "aten::embedding_dense_backward": "loss and embeddings", "aten::mm": "matmul", "aten::addmm": "matmul",
+            "aten::bmm": "attention", "aten::_softmax": "attention", "aten::native_layer_norm": "normalisation",
+            "aten::native_layer_norm_backward": "normalisation", "aten::gelu_backward": "activation",
+            "aten::copy_": "layout", "aten::fill_": None}
+    for op, kind in want.items():
+        got = next((k for k, pattern in step.TRAIN_KINDS if re.search(pattern, op)), None)
+        assert got == kind, op
