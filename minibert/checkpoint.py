@@ -135,15 +135,16 @@ def resolve_model_dir(path: PathLike) -> Path:
 # Written by minibert.pretrain beside the model files of model/ and best/: the model was pretrained
 # here, for CPU minutes or GPU hours rather than the days behind a published checkpoint, and
 # finetune's default schedule (finetune.default_schedule) gives it larger steps for longer.
-# minibert.finetune writes it too when it started from such a model or from random weights.
+# minibert.finetune, prune and distill write it too when they started from such a model or from
+# random weights.
 PRETRAINED_HERE = "pretraining.json"
 
 
 def pretrained_here(path: PathLike) -> bool:
     """Whether minibert.pretrain trained this model folder's (or run folder's) model from random
-    weights, or continued such a model, or minibert.finetune trained it from such a model or from
-    random weights; False for published checkpoints (and what was fine-tuned from them) and for
-    folders whose mark cannot be read."""
+    weights, or continued such a model, or minibert.finetune, prune or distill made it from such a
+    model or from random weights; False for published checkpoints (and what was made from them)
+    and for folders whose mark cannot be read."""
     try:
         mark = json.loads((resolve_model_dir(path) / PRETRAINED_HERE).read_text(encoding="utf-8"))
     except (CheckpointError, OSError, ValueError):

@@ -444,7 +444,8 @@ def run(cfg: DistillConfig, log=print) -> dict:
     seed_everything(cfg.seed)  # a random student's initialisation depends on --seed only
     student, s_tok, what = build_student(cfg.student, teacher, log)
     # the student's weights come from a preset's random start, the teacher's layers or a folder; if
-    # that is no published checkpoint, the saved student is marked so a later fine-tune treats it so
+    # that is no published checkpoint, the saved student is marked, and a later fine-tune of it gets
+    # a short pretraining's schedule (finetune.default_schedule)
     start = ("random" if cfg.student in PRESETS else
              "here" if pretrained_here(t_dir if student_dir is None else student_dir) else "checkpoint")
     mark = here_mark(distilled_by="minibert.distill", init=cfg.student, teacher=str(t_dir), start=start,
