@@ -20,7 +20,6 @@ so the step's time that is not arithmetic at the product's rate can be read off.
 """
 
 import argparse
-import re
 import shlex
 import statistics
 import sys
@@ -33,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemm_ceiling import rate  # noqa: E402  (this folder is on the path when run as a script)
-from profile_cpu import KINDS  # noqa: E402
+from profile_cpu import KINDS, kind  # noqa: E402
 from minibert import pretrain  # noqa: E402
 from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
@@ -74,8 +73,7 @@ def profile(run, cfg, steps: int) -> dict[str, float]:
             pretrain.train_step(run, cfg, False)
     kinds = dict.fromkeys([k for k, _ in TRAIN_KINDS] + ["the rest"], 0.0)
     for e in prof.key_averages():
-        kinds[next((k for k, pattern in TRAIN_KINDS if re.search(pattern, e.key)), "the rest")] += \
-            e.self_cpu_time_total / steps / 1e3
+        kinds[kind(e.key, TRAIN_KINDS)] += e.self_cpu_time_total / steps / 1e3
     return kinds
 
 

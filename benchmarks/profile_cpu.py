@@ -35,8 +35,9 @@ KINDS = [
 ]
 
 
-def kind(op: str) -> str:
-    return next((k for k, pattern in KINDS if re.search(pattern, op)), "the rest")
+def kind(op: str, kinds=KINDS) -> str:
+    """The first of `kinds` (name, pattern) whose pattern op matches, else "the rest"."""
+    return next((k for k, pattern in kinds if re.search(pattern, op)), "the rest")
 
 
 def profile_eager(model, batch: dict, rounds: int) -> tuple[dict[str, float], float]:
