@@ -45,7 +45,8 @@ from minibert.tabular import read_labeled  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/train.tsv"), help="labelled TSV")
+    ap.add_argument("--train", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/train.tsv"),
+                    help="labelled TSV")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per model (after warmup)")
     ap.add_argument("--rounds", type=int, default=6, help="alternating blocks the steps are split into")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
@@ -54,12 +55,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pack", action="store_true", help="also time minibert with packed batches (finetune --pack)")
-    ap.add_argument("--pad-to-max", action="store_true", help="also time minibert with every row padded to --max-len (the naive baseline packing is measured against)")
+    ap.add_argument("--pad-to-max", action="store_true",
+                    help="also time minibert with every row padded to --max-len (the naive baseline packing is "
+                         "measured against)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and optimizer state stay fp32)")
-    ap.add_argument("--accuracy", action="store_true", help="fine-tune transformers for one epoch and report test accuracy instead")
-    ap.add_argument("--train-limit", type=int, default=0, help="--accuracy: the fixed subsample minibert.finetune --train-limit uses")
-    ap.add_argument("--test", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"), help="--accuracy: test file")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="fine-tune transformers for one epoch and report test accuracy instead")
+    ap.add_argument("--train-limit", type=int, default=0,
+                    help="--accuracy: the fixed subsample minibert.finetune --train-limit uses")
+    ap.add_argument("--test", default=str(Path(__file__).resolve().parents[2] / "shared/data/sst2/test.tsv"),
+                    help="--accuracy: test file")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,8 +106,10 @@ def main() -> None:
     b = batches[0]
     with torch.no_grad():
         l1 = F.cross_entropy(ours(b["input_ids"], b["token_type_ids"], b["attention_mask"]).logits, b["labels"])
-        l2 = F.cross_entropy(theirs(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-    print(f"parity: first-batch eval loss minibert {l1.item():.6f}  transformers {l2.item():.6f}  |diff| {abs(l1 - l2).item():.2e}")
+        l2 = F.cross_entropy(theirs(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                                    attention_mask=b["attention_mask"]).logits, b["labels"])
+    print(f"parity: first-batch eval loss minibert {l1.item():.6f}  transformers {l2.item():.6f}  "
+          f"|diff| {abs(l1 - l2).item():.2e}")
     ours.train(), theirs.train()
 
     def autocast():
@@ -119,7 +127,8 @@ def main() -> None:
             t = time.perf_counter()
             with autocast():
                 if hf:
-                    logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits
+                    logits = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                                   attention_mask=b["attention_mask"]).logits
                 elif layout == "packed":
                     logits = PackedInputs.scores(model, b["packed"])
                 else:
@@ -154,23 +163,28 @@ def main() -> None:
             times[name] += [step(b) for b in block]
     rows = sum(len(b["labels"]) for b in timed)
     tokens = sum(int(b["attention_mask"].sum()) for b in timed)
-    print(f"{len(timed)} steps of batch {args.batch_size} on SST-2 (mean padded length {statistics.mean(b['input_ids'].size(1) for b in timed):.1f}), "
-          f"torch {torch.__version__}, {describe(device)}{', bf16 autocast' if args.bf16 else ', fp32'}; load average {os.getloadavg()[0]:.1f}")
+    padded = statistics.mean(b['input_ids'].size(1) for b in timed)
+    print(f"{len(timed)} steps of batch {args.batch_size} on SST-2 (mean padded length {padded:.1f}), "
+          f"torch {torch.__version__}, {describe(device)}{', bf16 autocast' if args.bf16 else ', fp32'}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| model | median ms/step | mean ms/step | examples/s (median) | real tokens/s (median) |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {med * 1e3:.0f} | {statistics.mean(ts) * 1e3:.0f} | {args.batch_size / med:.1f} | {tokens / len(timed) / med:.0f} |")
+        print(f"| {name} | {med * 1e3:.0f} | {statistics.mean(ts) * 1e3:.0f} | {args.batch_size / med:.1f} | "
+              f"{tokens / len(timed) / med:.0f} |")
     for name in steps:
         if name != "transformers":
             ratio = statistics.median(times["transformers"]) / statistics.median(times[name])
             print(f"{name} throughput / transformers throughput = {ratio:.3f}")
     if args.pack:
         slots = sum(b["packed"]["input_ids"].numel() for b in timed) / len(timed)
-        print(f"token slots per step: padded {statistics.mean(b['input_ids'].numel() for b in timed):.0f}, packed {slots:.0f} (real {tokens / len(timed):.0f})")
+        print(f"token slots per step: padded {statistics.mean(b['input_ids'].numel() for b in timed):.0f}, "
+              f"packed {slots:.0f} (real {tokens / len(timed):.0f})")
         if args.pad_to_max:
             full = statistics.median(times[f"minibert padded to {args.max_len}"])
-            print(f"minibert --pack throughput / minibert padded to {args.max_len} = {full / statistics.median(times['minibert --pack']):.3f}")
+            packed = statistics.median(times['minibert --pack'])
+            print(f"minibert --pack throughput / minibert padded to {args.max_len} = {full / packed:.3f}")
 
 
 def describe(device: torch.device) -> str:
@@ -201,7 +215,8 @@ def hf_accuracy(args) -> None:
     model = HFBert.from_pretrained(path, num_labels=2)
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=5e-5, eps=1e-8)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=5e-5, eps=1e-8)
     total = math.ceil(len(train) / args.batch_size)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(0.06 * total), total)
     g = torch.Generator().manual_seed(args.seed)
@@ -209,7 +224,8 @@ def hf_accuracy(args) -> None:
     t0 = time.perf_counter()
     for step, idx in enumerate(random_batches(len(train), args.batch_size, g), 1):
         b = enc.collate([items[i] for i in idx])
-        loss = F.cross_entropy(model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits, train.y[idx])
+        loss = F.cross_entropy(model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                                     attention_mask=b["attention_mask"]).logits, train.y[idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -223,7 +239,8 @@ def hf_accuracy(args) -> None:
     with torch.no_grad():
         for s in range(0, len(test_items), 128):
             b = enc.collate(test_items[s : s + 128])
-            pred = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+            pred = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
+                         attention_mask=b["attention_mask"]).logits.argmax(-1)
             correct += int((pred == test.y[s : s + 128]).sum())
     print(f"transformers {transformers_version()}: {len(train)} rows, {total} steps in {train_s / 60:.1f} min; "
           f"test accuracy {100 * correct / len(test):.2f} ({correct}/{len(test)})")

@@ -207,7 +207,8 @@ def main() -> None:
         minutes = f"{dapt[key]:g} + {h['minutes']:.1f}" if key in dapt else f"{h['minutes']:.1f}"
         on_sst2 = " on SST-2 text" if key in dapt else ""  # its held-out split is SST-2 sentences, not the corpus
         rows.append(f"| {label} | {h['step']:,} | {h['mlm_acc']:.3f} ({h['mlm_acc'] / h['baseline']:.1f}x){on_sst2} | "
-                    f"{minutes} | {' / '.join(f'{100 * a:.1f}' for a in accs)} | **{100 * m:.1f}** ± {100 * se:.1f} | {gain} |")
+                    f"{minutes} | {' / '.join(f'{100 * a:.1f}' for a in accs)} | **{100 * m:.1f}** ± {100 * se:.1f} | "
+                    f"{gain} |")
         if key in dapt:
             dapt_points.append((dapt[key] + h["minutes"], m, se))
         else:

@@ -42,7 +42,8 @@ def test_flop_formula_matches_the_counted_matmuls():
     (the "math" attention, so the scores and values are bmm's it sees); the formula leaves out
     only the MLM transform, pooler and NSP, a few percent here."""
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=3000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position=64, attn_impl="math")
+    cfg = BertConfig(vocab_size=3000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position=64,
+                     attn_impl="math")
     B, T = 4, 48
     batch = make_batch(cfg, B, T, torch.Generator().manual_seed(0))
     f = (batch["labels"] != -100).float().mean().item()
@@ -95,7 +96,8 @@ def test_batch_follows_bert_layout_and_masking():
 
 
 def run_bench(*extra: str) -> str:
-    cmd = [sys.executable, "-m", "minibert.bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1", *extra]
+    cmd = [sys.executable, "-m", "minibert.bench", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2",
+           "--steps", "3", "--warmup", "1", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -130,7 +132,8 @@ def bench_result(argv: list[str]) -> dict:
 
 
 def test_bench_json_is_machine_readable(capsys):
-    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--json"])
+    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+                           "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
     assert [(r["model"], r["task"]) for r in printed["rows"]] == [("minibert", "train"), ("minibert", "infer")]
@@ -142,7 +145,8 @@ def test_bench_json_is_machine_readable(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
-@pytest.mark.parametrize("which, compiled", [(None, []), ("both", ["minibert", "transformers"]), ("minibert", ["minibert"])])
+@pytest.mark.parametrize("which, compiled",
+                         [(None, []), ("both", ["minibert", "transformers"]), ("minibert", ["minibert"])])
 def test_bench_compile_picks_the_models(monkeypatch, capsys, which, compiled):
     # torch.compile swapped for a recorder that returns the model unchanged: this checks which
     # models the flag reaches (compiling for real costs a minute on the CPU and tests torch)
@@ -156,8 +160,8 @@ def test_bench_compile_picks_the_models(monkeypatch, capsys, which, compiled):
 
     monkeypatch.setattr(bench.torch, "compile", record)
     flag = {None: [], "both": ["--compile", "--compile-hf"], "minibert": ["--compile"]}[which]
-    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--compare-hf",
-                    *flag])
+    result = bench_result(["--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                           "--compare-hf", *flag])
     assert seen == [name for name in compiled for _ in ("pretrain", "encoder")]
     assert result["compile"] == which
     header = capsys.readouterr().out.splitlines()[0]
@@ -176,8 +180,8 @@ def test_bench_records_the_allocator_settings(monkeypatch, capsys):
 
 def test_bench_command_errors_are_one_line_and_exit_1(capsys):
     assert main(["--compile-hf"]) == 1
-    assert capsys.readouterr().err == ("python -m minibert.bench: error: --compile-hf compiles transformers beside minibert: "
-                                       "it needs --compile and --compare-hf\n")
+    assert capsys.readouterr().err == ("python -m minibert.bench: error: --compile-hf compiles transformers beside "
+                                       "minibert: it needs --compile and --compare-hf\n")
     assert main(["--device", "cpu", "--precision", "fp16"]) == 1
     assert "fp16 is for GPUs" in capsys.readouterr().err
 

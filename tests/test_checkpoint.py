@@ -166,7 +166,8 @@ def test_missing_and_bad_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         BertModel.from_pretrained(tmp_path)
-    sizes = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}
+    sizes = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 16}
     (tmp_path / "config.json").write_text(json.dumps(sizes))
     with pytest.raises(CheckpointError, match="no model.safetensors or pytorch_model.bin"):
         BertModel.from_pretrained(tmp_path)
@@ -199,7 +200,8 @@ def test_old_tf_style_layernorm_names_load(tmp_path, tiny_config):
     m = BertModel(tiny_config())
     m.save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
-    sd = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v for k, v in sd.items()}
+    sd = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+          for k, v in sd.items()}
     sd["embeddings.position_ids"] = torch.arange(40)[None]
     save_file(sd, tmp_path / "model.safetensors")
     m2 = BertModel.from_pretrained(tmp_path)
@@ -228,7 +230,8 @@ def test_a_run_folder_resolves_to_its_model_and_anything_else_is_one_clear_error
     loaded = BertModel.from_pretrained(tmp_path / "run")
     assert torch.equal(loaded.pooler.weight, m.pooler.weight)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"empty: no config.json here or in .*empty/model; expected a model folder or a run"):
+    with pytest.raises(CheckpointError,
+                       match=r"empty: no config.json here or in .*empty/model; expected a model folder or a run"):
         resolve_model_dir(tmp_path / "empty")
     with pytest.raises(CheckpointError, match=r"nope: not a folder \(no such path\)"):
         resolve_model_dir(tmp_path / "nope")
@@ -341,7 +344,8 @@ def test_a_read_only_folder_says_cannot_write(tmp_path, monkeypatch, tiny_config
     try:
         with pytest.raises(CheckpointError, match=rf"^cannot write {ro}/m: (Permission denied|Read-only file system)$"):
             BertModel(tiny_config()).save_pretrained(ro / "m")
-        with pytest.raises(CheckpointError, match=rf"^cannot write {ro}/x.txt: (Permission denied|Read-only file system)"):
+        with pytest.raises(CheckpointError,
+                           match=rf"^cannot write {ro}/x.txt: (Permission denied|Read-only file system)"):
             atomic_write_text(ro / "x.txt", "hi")
     finally:
         ro.chmod(0o755)
@@ -407,7 +411,8 @@ def test_a_config_larger_than_its_weights_fails_on_the_header_before_allocating(
     cfg["vocab_size"] = 9_000_000
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     t0 = time.perf_counter()
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: checkpoint does not fit BertModel; shape mismatches: "
+    with pytest.raises(CheckpointError,
+                       match=r"model\.safetensors: checkpoint does not fit BertModel; shape mismatches: "
                        r"bert\.embeddings\.word_embeddings\.weight: checkpoint \(97, 64\) vs model \(9000000, 64\)"):
         BertModel.from_pretrained(tmp_path)
     assert time.perf_counter() - t0 < 0.5
@@ -441,8 +446,10 @@ def test_a_hostile_safetensors_header_fails_fast_naming_the_file(tmp_path, tiny_
         (lambda: st.write_bytes(struct.pack("<Q", 2**62) + good[8:]), r"header length 4611686018427387904 does not"),
         (lambda: st.write_bytes(good[:5]), r"shorter than the 8-byte header length"),
         (lambda: st.write_bytes(struct.pack("<Q", 4) + b"{no}" + good[8:]), r"header is not valid JSON"),
-        (lambda: _rewrite_header(st, claim([64, 65])), r"tensor '" + W + r"' of shape \(64, 65\) does not match its 16384 bytes"),
-        (lambda: _rewrite_header(st, claim([10**6, 10**6], 4 * 10**12)), r"tensor '" + W + "' ends at byte 4000000000000"),
+        (lambda: _rewrite_header(st, claim([64, 65])),
+         r"tensor '" + W + r"' of shape \(64, 65\) does not match its 16384 bytes"),
+        (lambda: _rewrite_header(st, claim([10**6, 10**6], 4 * 10**12)),
+         r"tensor '" + W + "' ends at byte 4000000000000"),
         (lambda: _rewrite_header(st, lambda h: {**h, W: "x"}), r"tensor '" + W + "' has a malformed header entry"),
     ]
     for corrupt, message in cases:

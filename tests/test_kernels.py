@@ -577,7 +577,8 @@ def pretraining_case(device: str = "cuda", **cfg_overrides):
     for b in range(B):
         mask[b, T - 9 * b :] = 0  # rows of 128, 119, ..., 65 real tokens
     labels = torch.where((torch.rand(B, T, device=device) < 0.15) & (mask == 1), ids, -100)
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=torch.randint(0, 2, (B,), device=device))
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels,
+                 next_sentence_label=torch.randint(0, 2, (B,), device=device))
     return model, batch
 
 

@@ -334,7 +334,8 @@ def test_decoder_is_tied_to_word_embeddings(tiny_config):
 
 
 def test_presets_follow_the_small_bert_grid():
-    grid = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768), "large": (24, 1024)}
+    grid = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768),
+            "large": (24, 1024)}
     for name, (L, H) in grid.items():
         c = BertConfig.from_preset(name)
         assert (c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size) == (L, H, H // 64, 4 * H)

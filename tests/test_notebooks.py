@@ -240,7 +240,8 @@ def test_link_checker_catches_a_wrong_symbol(tmp_path):
     chapters.mkdir()
     (tmp_path / "m.py").write_text("class Real:\n    def method(self):\n        pass\nX = 1\n")
     md = chapters / "c.md"
-    md.write_text("[`Real`](../m.py) [`Real.method`](../m.py#L2) [`X`](../m.py) [`m.py`](../m.py) [`Gone`](../m.py) [x](../nope.md)")
+    md.write_text("[`Real`](../m.py) [`Real.method`](../m.py#L2) [`X`](../m.py) [`m.py`](../m.py) "
+                  "[`Gone`](../m.py) [x](../nope.md)")
     links = list(code_links(md))
     defined = defined_symbols(tmp_path / "m.py")
     assert [s for s, f, _ in links if s and s not in defined] == ["Gone"]

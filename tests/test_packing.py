@@ -34,7 +34,8 @@ def random_sequences(n: int, lo: int, hi: int, seed: int, vocab: int = 90) -> tu
 
 def packed_vs_alone(attn_impl: str, use_doc_ids: bool) -> None:
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=90, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=40, attn_impl=attn_impl)
+    cfg = BertConfig(vocab_size=90, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=40,
+                     attn_impl=attn_impl)
     model = BertModel(cfg).eval()
     with torch.no_grad():  # non-trivial segment/position/LayerNorm parameters, so a wrong id shows
         for p in model.parameters():

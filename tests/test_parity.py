@@ -119,7 +119,8 @@ def test_tokenizer_pairs_truncation_and_padding_match():
     b = ["second", "a much longer second segment that will need cutting down", "p q r"]
     for max_len in (8, 12, 64):
         got = ours(a, b, max_length=max_len)
-        exp = ref(a, b, max_length=max_len, truncation="longest_first", padding="longest", return_tensors="pt", return_token_type_ids=True)
+        exp = ref(a, b, max_length=max_len, truncation="longest_first", padding="longest", return_tensors="pt",
+                  return_token_type_ids=True)
         for key in ("input_ids", "token_type_ids", "attention_mask"):
             assert torch.equal(got[key], exp[key]), (max_len, key)
     got = ours(a, max_length=16, padding="max_length")
@@ -130,7 +131,8 @@ def test_tokenizer_pairs_truncation_and_padding_match():
 
 def _random_hf_pretraining_model(seed=0):
     hf_cfg = transformers.BertConfig(
-        vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, max_position_embeddings=40
+        vocab_size=211, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=40
     )
     torch.manual_seed(seed)
     ref = transformers.BertForPreTraining(hf_cfg).eval()
@@ -165,7 +167,8 @@ def test_pretraining_heads_match_transformers_with_random_weights(tmp_path):
 
 
 def test_sequence_classification_matches_transformers(tmp_path):
-    hf_cfg = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)
+    hf_cfg = transformers.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, num_labels=3)
     torch.manual_seed(3)
     ref = transformers.BertForSequenceClassification(hf_cfg).eval()
     ref.save_pretrained(tmp_path)
@@ -181,7 +184,8 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 def test_minibert_saved_folder_loads_in_transformers(tmp_path):
     torch.manual_seed(4)
-    ours = BertForPreTraining(BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position=32)).eval()
+    ours = BertForPreTraining(BertConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=2,
+                                         intermediate_size=64, max_position=32)).eval()
     ours.save_pretrained(tmp_path)
     ref = transformers.BertForPreTraining.from_pretrained(str(tmp_path)).eval()
     ids = torch.randint(5, 120, (2, 10))
@@ -190,6 +194,7 @@ def test_minibert_saved_folder_loads_in_transformers(tmp_path):
 
 
 def test_import_minibert_does_not_import_transformers():
-    code = "import sys, minibert, minibert.model, minibert.tokenizer, minibert.checkpoint; print(any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules))"
+    code = ("import sys, minibert, minibert.model, minibert.tokenizer, minibert.checkpoint; "
+            "print(any(m == 'transformers' or m.startswith('transformers.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -40,7 +40,8 @@ def make_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     syllables = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po"]
     words = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)})
-    docs = [" ".join(" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "." for _ in range(rng.randint(2, 9)))
+    docs = [" ".join(" ".join(rng.choices(words, k=rng.randint(3, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 9)))
             for _ in range(n_docs)]
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return path
@@ -60,13 +61,14 @@ def cli(opts: dict, **changes) -> list[str]:
 def setup(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("pretrain")
     corpus = make_corpus(tmp / "corpus.txt", n_docs=300)
-    opts = dict(recipe="bert", corpus=corpus, cache_dir=tmp / "cache", vocab_size=300, seq_len=32, batch_size=8, lr=2e-3, warmup=10,
-                max_steps=STEPS, save_every=5, eval_every=20, eval_size=48, log_every=1, threads=1)
+    opts = dict(recipe="bert", corpus=corpus, cache_dir=tmp / "cache", vocab_size=300, seq_len=32, batch_size=8,
+                lr=2e-3, warmup=10, max_steps=STEPS, save_every=5, eval_every=20, eval_size=48, log_every=1, threads=1)
     return {"tmp": tmp, "opts": opts, "args": cli(opts)}
 
 
 def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "minibert.pretrain", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, "-m", "minibert.pretrain", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, **kw)
 
 
 def train_records(out: Path) -> list[dict]:
@@ -170,10 +172,13 @@ def test_output_folder_loads_and_scores_as_at_the_end_of_training(setup, referen
     res = rescore(setup, reference)
     for k in ("mlm_acc", "mlm_loss", "nsp_acc", "baseline_acc"):
         assert res[k] == pytest.approx(final[k], abs=1e-6), k
-    assert final["loss"] < train_records(reference)[0]["loss"] - 0.3  # it learned (random words: no more than their frequencies)
+    # it learned (random words: no more than their frequencies)
+    assert final["loss"] < train_records(reference)[0]["loss"] - 0.3
     # best/ holds the checkpoint with the lowest held-out loss, with its scores
     best = json.loads((reference / "best" / "eval.json").read_text())
-    assert best["loss"] == min(r["loss"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval")
+    assert best["loss"] == min(r["loss"] for r in map(json.loads,
+                                                      (reference / "metrics.jsonl").read_text().splitlines())
+                               if r["kind"] == "eval")
     assert (reference / "curves.png").stat().st_size > 1000
 
 
@@ -204,7 +209,8 @@ def test_two_processes_follow_the_one_process_curve(setup):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda", "cpu:gloo,cuda:nccl"), ("cuda:1", "cpu:gloo,cuda:nccl")])
+@pytest.mark.parametrize("device, backend",
+                         [("cpu", "gloo"), ("cuda", "cpu:gloo,cuda:nccl"), ("cuda:1", "cpu:gloo,cuda:nccl")])
 def test_gpu_processes_also_get_gloo_for_the_cpu_sums(monkeypatch, device, backend):
     """The step's counts and losses are all-reduced as CPU tensors, which NCCL cannot carry
     (this CPU-only CI cannot start NCCL, so the choice itself is what is checked here; the
@@ -312,7 +318,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup
 
 def test_seed_reproducible_and_variants_run(setup, capsys):
     base = ["--max-steps", "3", "--eval-every", "3", "--save-every", "100"]
-    for name, extra in [("nonsp", ["--no-nsp"]), ("wwm", ["--whole-word-mask", "--static-masking"]), ("wwm2", ["--whole-word-mask", "--static-masking"])]:
+    for name, extra in [("nonsp", ["--no-nsp"]), ("wwm", ["--whole-word-mask", "--static-masking"]),
+                        ("wwm2", ["--whole-word-mask", "--static-masking"])]:
         assert inprocess(setup, setup["tmp"] / name, *base, *extra) == 0, capsys.readouterr().err
     assert train_records(setup["tmp"] / "nonsp")[0]["nsp_acc"] is None
     assert_same_weights(setup["tmp"] / "wwm", setup["tmp"] / "wwm2")  # same --seed, same weights
@@ -439,7 +446,7 @@ def test_init_continues_from_a_pretraining_run_with_its_weights_and_tokenizer(se
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert (out / "model" / "vocab.txt").read_text() == (reference / "model" / "vocab.txt").read_text()
     # model/ and best/ say they were pretrained here, and continuing such a model keeps saying so
-    assert pretrained_here(reference / "model") and pretrained_here(reference / "best") and pretrained_here(out / "model")
+    assert all(pretrained_here(folder) for folder in (reference / "model", reference / "best", out / "model"))
 
 
 def hf_folder(tmp_path: Path, reference: Path, cls_name: str) -> Path:
@@ -494,13 +501,15 @@ def test_help_documents_every_option():
 def test_default_command_beats_the_baseline(tmp_path):
     """`python -m minibert.pretrain` with no arguments (run: pytest -m slow tests/test_pretrain.py)."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+    r = subprocess.run([sys.executable, "-m", "minibert.pretrain", "--out", str(tmp_path / "out"), "--cache-dir",
+                        str(tmp_path / "cache")],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     final = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["mlm_acc"] > 3 * final["baseline_acc"]  # past the frequent-token plateau (8.9x measured)
     assert "most-frequent-token baseline" in r.stdout
-    print(f"default run: {time.time() - t0:.0f}s wall, held-out MLM acc {final['mlm_acc']:.3f} vs baseline {final['baseline_acc']:.3f}")
+    print(f"default run: {time.time() - t0:.0f}s wall, held-out MLM acc {final['mlm_acc']:.3f} "
+          f"vs baseline {final['baseline_acc']:.3f}")
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -596,7 +605,8 @@ def test_readme_walk_through_pretraining_pays(tmp_path):
                           "--cache-dir", str(tmp_path / "cache"), "--no-progress"],
                          cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert run.returncode == 0, run.stderr[-3000:]
-    data = ["--train", "data/sentiment/train.tsv", "--dev", "data/sentiment/dev.tsv", "--test", "data/sentiment/test.tsv"]
+    data = ["--train", "data/sentiment/train.tsv", "--dev", "data/sentiment/dev.tsv", "--test",
+            "data/sentiment/test.tsv"]
     acc = {"pretrained": [], "scratch": []}
     for seed in (0, 1, 2):
         for kind, extra in (("pretrained", []), ("scratch", ["--from-scratch"])):

@@ -48,7 +48,8 @@ def toy_vocab(V: int = 1000, continuation: tuple[int, ...] = ()) -> pd.Vocab:
     special[:5] = True
     word_start = np.ones(V, dtype=bool)
     word_start[list(continuation)] = False
-    return pd.Vocab(cls_id=2, sep_id=3, pad_id=0, mask_id=4, special=special, word_start=word_start, random_ids=np.flatnonzero(~special))
+    return pd.Vocab(cls_id=2, sep_id=3, pad_id=0, mask_id=4, special=special, word_start=word_start,
+                    random_ids=np.flatnonzero(~special))
 
 
 def toy_row(rng: np.random.Generator, n: int = 126, V: int = 1000) -> np.ndarray:
@@ -123,7 +124,8 @@ def test_whole_word_masking_masks_whole_words():
     vocab, rng = toy_vocab(continuation=cont), np.random.default_rng(3)
     total = chosen = 0
     for _ in range(500):
-        words = [[int(rng.integers(5, 500))] + list(rng.integers(500, 1000, size=rng.integers(0, 3))) for _ in range(30)]
+        words = [[int(rng.integers(5, 500))] + list(rng.integers(500, 1000, size=rng.integers(0, 3)))
+                 for _ in range(30)]
         ids = np.r_[2, np.concatenate(words[:15]), 3, np.concatenate(words[15:]), 3]
         _, labels = pd.mask_tokens(ids, vocab, rng, mlm_prob=0.15, whole_word=True)
         sel = labels != -100
@@ -189,7 +191,8 @@ def test_true_next_b_follows_a_at_a_sentence_boundary(corpus):
 @pytest.mark.parametrize("nsp", [True, False])
 def test_instances_never_exceed_seq_len(corpus, seq_len, nsp):
     data, tok, _ = corpus
-    inst = pd.make_instances(data, np.arange(data.n_docs), seq_len, np.random.default_rng(seq_len), short_seq_prob=0.3, nsp=nsp)
+    inst = pd.make_instances(data, np.arange(data.n_docs), seq_len, np.random.default_rng(seq_len), short_seq_prob=0.3,
+                             nsp=nsp)
     la, lb = inst[:, pd.A1] - inst[:, pd.A0], inst[:, pd.B1] - inst[:, pd.B0]
     assert (la >= 1).all()
     assert ((lb >= 1) if nsp else (lb == 0)).all()

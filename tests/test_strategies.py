@@ -38,7 +38,8 @@ WORDS = "the a film movie plot acting was is great terrible good bad very not it
 
 
 def tiny_cfg(**kw) -> BertConfig:
-    base = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, max_position=64, dropout=0.0, attention_dropout=0.0)
+    base = dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, max_position=64,
+                dropout=0.0, attention_dropout=0.0)
     base.update(kw)
     return BertConfig(**base)
 
@@ -167,7 +168,8 @@ def test_info_nce_matches_a_hand_computed_loop():
     tau = 0.1
 
     def cos(u, v):
-        return sum(x * y for x, y in zip(u.tolist(), v.tolist())) / (math.sqrt(sum(x * x for x in u.tolist())) * math.sqrt(sum(y * y for y in v.tolist())))
+        u, v = u.tolist(), v.tolist()
+        return sum(x * y for x, y in zip(u, v)) / (math.sqrt(sum(x * x for x in u)) * math.sqrt(sum(y * y for y in v)))
 
     B = 5
     s = [[cos(a[i], b[j]) / tau for j in range(B)] for i in range(B)]
@@ -198,7 +200,8 @@ def test_prompt_scores_equal_direct_verbalizer_logits(tok):
         scores = prompt.scores(mlm, prompt.collate(prompt.encode(texts)))  # (B, C)
         direct = []
         for t in texts:
-            ids = [tok.cls_id] + tok.encode_ids([t])[0] + tok.encode_ids(["it was"])[0] + [tok.mask_id] + tok.encode_ids(["."])[0] + [tok.sep_id]
+            ids = ([tok.cls_id] + tok.encode_ids([t])[0] + tok.encode_ids(["it was"])[0] + [tok.mask_id]
+                   + tok.encode_ids(["."])[0] + [tok.sep_id])
             logits = mlm(torch.tensor([ids])).logits[0, ids.index(tok.mask_id)]  # (V,)
             direct.append(logits[[tok.token_to_id("terrible"), tok.token_to_id("great")]])
         direct = torch.stack(direct)  # (B, 2)

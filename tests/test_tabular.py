@@ -303,7 +303,8 @@ def test_skip_bad_rows_in_csv_and_jsonl(tmp_path: Path) -> None:
     csv_path = write(tmp_path, "train.csv", 'text,label\n"a, b",1\n"  ",0\nc,0\n')
     data = read_labeled(csv_path, skip_bad_rows=True)
     assert data.texts == ["a, b", "c"] and [e.line for e in data.skipped] == [3]
-    lines = ['{"text": "good", "label": 1}', '{"text": "cut', '[1, 2]', '{"label": 0}', '{"text": "bad", "label": null}',
+    lines = ['{"text": "good", "label": 1}', '{"text": "cut', '[1, 2]', '{"label": 0}',
+             '{"text": "bad", "label": null}',
              '{"text": "ok", "label": 0}']
     jsonl = write(tmp_path, "train.jsonl", "\n".join(lines) + "\n")
     with pytest.raises(DataError) as excinfo:

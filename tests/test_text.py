@@ -40,25 +40,31 @@ SPLIT_CASES = {
     "vs. and cf.": ("Smith vs. Jones was heard. See cf. Brown. Done.",
                     ["Smith vs. Jones was heard.", "See cf. Brown.", "Done."]),
     "et al. before a year": ("Smith et al. (2019) found it. It holds.", ["Smith et al. (2019) found it.", "It holds."]),
-    "etc. before lowercase": ("Pens, ink, etc. are sold here. Paper too.", ["Pens, ink, etc. are sold here.", "Paper too."]),
-    "etc. ends a sentence": ("He bought pens, ink, etc. The shop closed.", ["He bought pens, ink, etc.", "The shop closed."]),
+    "etc. before lowercase": ("Pens, ink, etc. are sold here. Paper too.",
+                              ["Pens, ink, etc. are sold here.", "Paper too."]),
+    "etc. ends a sentence": ("He bought pens, ink, etc. The shop closed.",
+                             ["He bought pens, ink, etc.", "The shop closed."]),
     # words before numbers
     "No. and Vol.": ("It was No. 5 in Vol. 2 on p. 45. Then No. It was not.",
                      ["It was No. 5 in Vol. 2 on p. 45.", "Then No.", "It was not."]),
     "circa and eras": ("Built c. 1500 and the 2nd c. BCE saw c. AD 30. Later.",
                        ["Built c. 1500 and the 2nd c. BCE saw c. AD 30.", "Later."]),
     # initialisms and initials
-    "U.S. before a name": ("He joined the U.S. Army in 1990. He left.", ["He joined the U.S. Army in 1990.", "He left."]),
+    "U.S. before a name": ("He joined the U.S. Army in 1990. He left.",
+                           ["He joined the U.S. Army in 1990.", "He left."]),
     "U.S. ends a sentence": ("He moved to the U.S. He liked it.", ["He moved to the U.S.", "He liked it."]),
     "initials": ("J. R. R. Tolkien and George W. Bush met. A. A. Milne did not.",
                  ["J. R. R. Tolkien and George W. Bush met.", "A. A. Milne did not."]),
-    "single letter ends a sentence": ("They chose plan B. The rest followed.", ["They chose plan B.", "The rest followed."]),
+    "single letter ends a sentence": ("They chose plan B. The rest followed.",
+                                      ["They chose plan B.", "The rest followed."]),
     "Inc. ends a sentence": ("She works at Apple Inc. The firm grew. Warner Bros. Studios hired.",
                              ["She works at Apple Inc.", "The firm grew.", "Warner Bros. Studios hired."]),
     # numbers
-    "decimals": ("Pi is 3.14 and e is 2.718. Both are irrational.", ["Pi is 3.14 and e is 2.718.", "Both are irrational."]),
+    "decimals": ("Pi is 3.14 and e is 2.718. Both are irrational.",
+                 ["Pi is 3.14 and e is 2.718.", "Both are irrational."]),
     "number starts a sentence": ("It ended in 1918. 1919 was calm.", ["It ended in 1918.", "1919 was calm."]),
-    "dotted names": ("Visit example.com or use Node.js today. Yes.", ["Visit example.com or use Node.js today.", "Yes."]),
+    "dotted names": ("Visit example.com or use Node.js today. Yes.",
+                     ["Visit example.com or use Node.js today.", "Yes."]),
     # quotes and brackets
     "closing quote after stop": ('He said "Stop." Then he left.', ['He said "Stop."', "Then he left."]),
     "quote then lowercase": ('"Oh!" cried she. "Really?" "Yes."', ['"Oh!" cried she.', '"Really?"', '"Yes."']),
@@ -322,7 +328,8 @@ def test_wiki_document_count() -> None:
 
 @pytest.mark.real_data
 @needs_corpus
-@pytest.mark.parametrize("name, n_docs, n_sentences", [("wiki_vital_en.txt", 9_927, 36_307), ("austen_novels.txt", 270, 31_459)])
+@pytest.mark.parametrize("name, n_docs, n_sentences",
+                         [("wiki_vital_en.txt", 9_927, 36_307), ("austen_novels.txt", 270, 31_459)])
 def test_real_corpus_sentence_counts(name: str, n_docs: int, n_sentences: int) -> None:
     docs = list(iter_documents([CORPUS / name]))
     sentences = [s for d in docs for s in document_sentences(d)]

@@ -351,7 +351,8 @@ def test_every_file_of_a_run_gets_the_users_umask(env, tmp_path, umask):
     finally:
         os.umask(old)
     wrong = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
-             for p in tmp_path.joinpath("run").rglob("*") if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
+             for p in tmp_path.joinpath("run").rglob("*")
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
     assert (tmp_path / "run/model/model.safetensors").exists() and not wrong, wrong
 
 
