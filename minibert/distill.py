@@ -107,6 +107,9 @@ class DistillConfig(RunOptions):
     text_pair_col: Optional[str] = field(None, "second text column for sentence pairs")
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)")
     skip_bad_rows: bool = field(False, "leave out malformed rows and report their lines, instead of stopping")
+    errors: str = field("strict", "bytes that are not UTF-8 in the data files: 'strict' stops at the first, "
+                        "naming its file, line and byte; 'replace' reads them as U+FFFD",
+                        choices=("strict", "replace"))
     max_len: Optional[int] = field(None, "truncate rows to this many tokens (default: the teacher's tokenizer "
                                    "setting)")
     pack: bool = field(False, "pack each batch's texts into rows of --max-len instead of padding (same math, fewer "
@@ -384,13 +387,14 @@ def cached_logits(path: Path, key: str, compute, log) -> Tensor:
     return logits
 
 
-def read_unlabeled(path: str) -> list[str]:
+def read_unlabeled(path: str, errors: str = "strict") -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig", errors=errors)  # -sig: a leading BOM is dropped
     except OSError as e:
         raise UserError(f"--unlabeled {path}: cannot read it ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"--unlabeled {path}: not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"--unlabeled {path}: not UTF-8 text (byte {e.start}); re-encode it as UTF-8, or pass "
+                        f"--errors replace to read such bytes as U+FFFD") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -433,7 +437,7 @@ def run(cfg: DistillConfig, log=print) -> dict:
         return split
 
     train, dev, test = labelled(cfg.train, "--train"), labelled(cfg.dev, "--dev"), labelled(cfg.test, "--test")
-    extra = read_unlabeled(cfg.unlabeled) if cfg.unlabeled else []
+    extra = read_unlabeled(cfg.unlabeled, cfg.errors) if cfg.unlabeled else []
     if (extra or cfg.augment) and train.pairs is not None:
         raise UserError("--unlabeled and --augment give single texts, but --train has sentence pairs")
     extra += augment(train.texts, cfg.augment, seed=cfg.seed)

@@ -80,6 +80,9 @@ class FinetuneConfig(RunOptions):
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)", fixed=True)
     skip_bad_rows: bool = field(False, "leave out malformed rows (missing field, empty text or label, broken JSON) "
                                 "and report their lines, instead of stopping at the first", fixed=True)
+    errors: str = field("strict", "bytes that are not UTF-8 in the data files: 'strict' stops at the first, "
+                        "naming its file, line and byte; 'replace' reads them as U+FFFD",
+                        choices=("strict", "replace"))
     task: str = field("auto", "auto: regression when some label is a number with a fraction (3.8), else "
                       "classification (1.0 counts as the class 1)", fixed=True,
                       choices=("auto", "classification", "regression"))
@@ -179,9 +182,11 @@ def check_config(cfg: FinetuneConfig) -> None:
         (cfg.layer_decay is None or 0 < cfg.layer_decay <= 1,
          f"--layer-decay must be in (0, 1], got {cfg.layer_decay}"),
         (cfg.dropout is None or 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
-        (min(cfg.eval_batch_size, cfg.log_every) >= 1, "--eval-batch-size and --log-every must be positive"),
+        (min(cfg.eval_batch_size, cfg.log_every) >= 1, f"--eval-batch-size and --log-every must be positive; got "
+         f"{cfg.eval_batch_size}, {cfg.log_every}"),
         (min(cfg.max_steps, cfg.train_limit, cfg.dev_limit, cfg.few_shot_k, cfg.eval_every, cfg.patience) >= 0,
-         "--max-steps, --train-limit, --dev-limit, --few-shot-k, --eval-every and --patience must be >= 0"),
+         f"--max-steps, --train-limit, --dev-limit, --few-shot-k, --eval-every and --patience must be >= 0; got "
+         f"{cfg.max_steps}, {cfg.train_limit}, {cfg.dev_limit}, {cfg.few_shot_k}, {cfg.eval_every}, {cfg.patience}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -222,7 +227,7 @@ def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], fl
         raise UserError(f"{flag} {path}: a folder; give a TSV, CSV or JSONL file")
     try:
         data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
-                            skip_bad_rows=cfg.skip_bad_rows)
+                            errors=cfg.errors, skip_bad_rows=cfg.skip_bad_rows)
     except BadRowError as e:
         raise DataError(e.path, e.line, f"{e.problem} (fix the row, or pass --skip-bad-rows to leave such rows out)"
                         ) from None

@@ -123,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "minibert.finetune)")
     ap.add_argument("--text-col", help="text column of --file, by name or 0-based index")
     ap.add_argument("--text-pair-col", help="second-text column of --file, by name or 0-based index")
+    ap.add_argument("--errors", choices=("strict", "replace"), default="strict", help="bytes of --file that are "
+                    "not UTF-8: 'strict' stops at the first, 'replace' reads them as U+FFFD")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, "
                     "else cpu)")
     ap.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
@@ -140,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.file:
             col = lambda c: int(c) if c is not None and c.isdigit() else c  # noqa: E731
             try:
-                data = read_labeled(args.file, col(args.text_col), col(args.text_pair_col))
+                data = read_labeled(args.file, col(args.text_col), col(args.text_pair_col), errors=args.errors)
             except ValueError as e:  # DataError (file:line), or a file name whose extension names no format
                 raise UserError(str(e) if str(e).startswith(args.file) else f"--file {args.file}: {e}") from None
             texts, pairs = data.texts, data.pairs

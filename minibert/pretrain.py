@@ -252,18 +252,20 @@ class PretrainConfig(RunOptions):
     def __post_init__(self):
         self.apply_recipe()
         positive = ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "eval_size")
+        not_positive = ", ".join(f"--{k.replace('_', '-')} {getattr(self, k)}" for k in positive if getattr(self, k) <= 0)
         checks = [
             (8 <= self.seq_len <= 512, f"--seq-len must be in [8, 512] (512: the position table), got {self.seq_len}"),
             (0 < self.mlm_prob < 1, f"--mlm-prob must be in (0, 1), got {self.mlm_prob}"),
             (0 <= self.short_seq_prob <= 1, f"--short-seq-prob must be in [0, 1], got {self.short_seq_prob}"),
             (0 < self.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {self.eval_fraction}"),
-            (min(getattr(self, k) for k in positive) > 0,
-             ", ".join("--" + k.replace("_", "-") for k in positive) + " must be positive"),
+            (not not_positive, f"{', '.join('--' + k.replace('_', '-') for k in positive)} must be positive; got "
+                               f"{not_positive}"),
             (self.time_budget is None or self.time_budget > 0,
              f"--time-budget must be positive, got {self.time_budget}"),
             (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
             (math.isfinite(self.lr) and self.lr >= 0, f"--lr must be >= 0, got {self.lr}"),
-            (min(self.warmup, self.weight_decay, self.clip) >= 0, "--warmup, --weight-decay and --clip must be >= 0"),
+            (min(self.warmup, self.weight_decay, self.clip) >= 0, f"--warmup, --weight-decay and --clip must be >= 0; "
+             f"got {self.warmup}, {self.weight_decay}, {self.clip}"),
             (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (not (self.init and self.tokenizer), "--init brings its own tokenizer: drop --tokenizer"),
         ]
@@ -426,6 +428,7 @@ class Run:
     checks: dict  # what --resume compares beside the fixed options (see resume_checks)
     short_pretraining: bool  # what save_model marks: from random weights here, or continuing such a model
     step: int = 0
+    saved_step: Optional[int] = None  # the step train_state.pt holds; None before the first save
 
     def finished(self, cfg: PretrainConfig) -> bool:
         return self.clock.now >= 60 * cfg.time_budget if cfg.time_budget else self.step >= cfg.max_steps
@@ -461,6 +464,7 @@ def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:
         rngs = [None] * run.dist.world
         torch.distributed.all_gather_object(rngs, rng_state())
     if not run.dist.main:
+        run.saved_step = run.step  # rank 0 writes it
         return
     save_model(run, cfg, run.out / "model")
     state = {
@@ -478,6 +482,7 @@ def save_checkpoint(run: Run, cfg: PretrainConfig) -> None:
         "checks": run.checks,
     }
     save_train_state(run.out / "train_state.pt", state)
+    run.saved_step = run.step
 
 
 # What a pretraining run writes, removed when --overwrite starts a new run in its folder (with the
@@ -593,7 +598,8 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
         f"{resolve_precision(cfg.precision, device)}, attention {attn_impl}, {dist.world} process(es), "
         f"global batch {cfg.batch_size * cfg.grad_accum * dist.world}")
     return Run(model, net, opt, sched, scaler, data, dist, device, autocast(cfg.precision, device), out, metrics, tb,
-               clock, best, checks, cfg.init is None or pretrained_here(cfg.init), step)
+               clock, best, checks, cfg.init is None or pretrained_here(cfg.init), step,
+               saved_step=step if state is not None else None)
 
 
 def init_positions_sinusoidal(model: BertForPreTraining) -> None:
@@ -683,8 +689,12 @@ def train_step(run: Run, cfg: PretrainConfig, stop_requested: bool) -> tuple[dic
     sums[3:] = torch.tensor([float(stop_requested), run.clock.elapsed()[0]])
     loss_v, mlm_hits, nsp_hits, stops, seconds = all_sum(sums, dist).tolist()
     if not math.isfinite(loss_v):
-        raise NonFiniteLoss(f"step {run.step + 1}: the loss is {loss_v} (not finite); stopped without updating. "
-                            f"The last good checkpoint is in {run.out} (train_state.pt); try a lower --lr")
+        if run.saved_step is None:
+            kept = f"no checkpoint was saved before it (the first was due at step {cfg.save_every})"
+        else:
+            kept = f"the last good checkpoint, step {run.saved_step}, is in {run.out} (train_state.pt)"
+        raise NonFiniteLoss(f"step {run.step + 1}: the loss is {loss_v} (not finite); stopped without updating; "
+                            f"{kept}; try a lower --lr")
     run.clock.now = seconds / dist.world  # every rank's schedule and budget read the same time
     norm = optimizer_step(run.opt, run.sched, run.scaler, run.model.parameters(), cfg.clip)
     run.step += 1

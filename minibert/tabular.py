@@ -183,7 +183,8 @@ def _decode(raw: bytes, path: str, errors: str) -> str:
             path,
             line,
             f"bytes that are not UTF-8 at byte offset {offset} (0x{bad}); "
-            "re-encode the file or pass errors='replace'",
+            "re-encode the file as UTF-8, or read such bytes as U+FFFD (errors='replace'; "
+            "--errors replace on the command line)",
         ) from None
 
 

@@ -136,6 +136,8 @@ def _decode_error(path: str, raw: bytes, line_start: int, line_no: int, err: Uni
     hint = ""
     if line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         hint = " (the file looks like UTF-16; convert it to UTF-8)"
+    else:
+        hint = "; re-encode it as UTF-8, or read such bytes as U+FFFD (errors='replace'; --errors replace)"
     return CorpusError(f"file {path}: not valid UTF-8 at byte {offset} (line {line_no}){hint}")
 
 

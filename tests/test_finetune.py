@@ -304,6 +304,27 @@ def test_bad_files_name_file_and_line(env, capsys):
     assert "--verbalizer" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_utf8_stops_with_the_flag_that_reads_it(env, capsys):
+    """A Latin-1 export is a common file: the error names file, line and byte and the command-line flag
+    that reads it anyway, and that flag works in both jobs that read labelled files."""
+    d = env["dir"]
+    latin = d / "latin1.tsv"
+    rows = "".join(f"{t}\t{y}\n" for t, y in sentences(16, 7))
+    latin.write_bytes(("sentence\tlabel\n" + rows).encode("utf-8") + "un café superbe\tpos\n".encode("latin-1"))
+    argv = ["--init", env["init"], "--train", str(latin), "--out", str(d / "latin"), "--no-progress", "--max-steps", "2",
+            "--threads", "1"]
+    assert finetune.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{latin}:18: bytes that are not UTF-8 at byte offset" in err and "(0xe9)" in err
+    assert "--errors replace" in err
+    assert finetune.main(argv + ["--errors", "replace"]) == 0
+    assert predict.main(["--model", str(d / "latin"), "--file", str(latin)]) == 1
+    assert "--errors replace" in capsys.readouterr().err
+    assert predict.main(["--model", str(d / "latin"), "--file", str(latin), "--errors", "replace"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.endswith("\tun caf\ufffd superbe")
+
+
 def fixed_classifier(env, bias: list[float]) -> Path:
     """A classifier folder whose head always prefers one label, whatever the text."""
     folder = env["dir"] / f"fixed_{bias[1]:+g}"

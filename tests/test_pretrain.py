@@ -311,6 +311,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup
     assert inprocess(setup, out, "--debug-nan-at-step", "8") == 1
     err = capsys.readouterr().err
     assert "step 8: the loss is nan (not finite)" in err
+    assert "the last good checkpoint, step 5, is in" in err
     state = torch.load(out / "train_state.pt", weights_only=True)
     assert state["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -380,7 +381,9 @@ def test_overwrite_starts_a_new_run_that_keeps_nothing_of_the_old_one(setup, cap
     assert inprocess(setup, out, "--max-steps", "2", "--eval-every", "2", "--save-every", "2") == 0
     assert (out / "best").is_dir() and (out / "train_state.pt").exists()
     # the new run dies at its first step: had it kept the old run's files, --resume would pick them up
+    capsys.readouterr()
     assert inprocess(setup, out, "--overwrite", "--debug-nan-at-step", "1") == 1
+    assert "no checkpoint was saved before it" in capsys.readouterr().err  # and none claimed: the old one is gone
     assert not any((out / n).exists() for n in ("train_state.pt", "model", "best", "curves.png"))
     assert (out / "metrics.jsonl").read_text() == ""
     assert json.loads((out / "run_config.json").read_text())["overwrite"] is True

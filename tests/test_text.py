@@ -184,7 +184,8 @@ def test_invalid_utf8_names_file_byte_and_line(tmp_path: Path, bom: bytes) -> No
     offset = len(head) + len(b"bad ")
     with pytest.raises(CorpusError) as info:
         list(iter_documents([f]))
-    assert str(info.value) == f"file {f}: not valid UTF-8 at byte {offset} (line 4)"
+    assert str(info.value) == (f"file {f}: not valid UTF-8 at byte {offset} (line 4); re-encode it as UTF-8, or "
+                               "read such bytes as U+FFFD (errors='replace'; --errors replace)")
     assert (head + b"bad \xff")[offset] == 0xFF  # the offset points at the bad byte
 
 
