@@ -324,3 +324,17 @@ def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     assert distill.main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_unlabelled_text_that_is_not_utf8_stops_unless_errors_replace(env, capsys):
+    """--unlabeled in Latin-1: a one-line error that names the flag that reads it, and with that flag
+    the text joins the transfer set (a BOM at its start is dropped, not kept as a character)."""
+    latin = env["dir"] / "latin1.txt"
+    latin.write_bytes(b"\xef\xbb\xbf" + "un film superbe\nun caf\u00e9 triste\n".encode("latin-1"))
+    argv = ["--teacher", env["teacher"], "--train", env["train"], "--out", str(env["dir"] / "latin"), "--threads", "1",
+            "--student", "tiny", "--unlabeled", str(latin), "--max-steps", "1", "--no-progress"]
+    assert distill.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--unlabeled {latin}: not UTF-8 text" in err and "--errors replace" in err and len(err.splitlines()) == 1
+    assert distill.read_unlabeled(str(latin), "replace") == ["un film superbe", "un caf\ufffd triste"]
+    assert distill.main(argv + ["--errors", "replace"]) == 0
