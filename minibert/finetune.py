@@ -45,7 +45,7 @@ from .model import ATTN_IMPLS, PRESETS, BertConfig
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
 from .strategies import FGM, STRATEGIES, Strategy
-from .tabular import BadRowError, DataError, LabelMap, read_labeled
+from .tabular import BadRowError, DataError, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field,
@@ -231,6 +231,8 @@ def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], fl
     except BadRowError as e:
         raise DataError(e.path, e.line, f"{e.problem} (fix the row, or pass --skip-bad-rows to leave such rows out)"
                         ) from None
+    except NotUtf8Error as e:
+        raise NotUtf8Error(e.path, e.line, e.offset, e.bad, how="--errors replace") from None
     except DataError:
         raise
     except OSError as e:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, resolve_model_dir
 from .model import BertForMaskedLM, BertForSequenceClassification
 from .strategies import PackedInputs, PlainInputs, Prompt  # noqa: F401 (PackedInputs: predict's inputs, re-exported)
-from .tabular import LabelMap, read_labeled
+from .tabular import LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import USER_ERRORS, OneLineParser, UserError, pick_device
 
@@ -143,6 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             col = lambda c: int(c) if c is not None and c.isdigit() else c  # noqa: E731
             try:
                 data = read_labeled(args.file, col(args.text_col), col(args.text_pair_col), errors=args.errors)
+            except NotUtf8Error as e:
+                raise UserError(str(NotUtf8Error(e.path, e.line, e.offset, e.bad, how="--errors replace"))) from None
             except ValueError as e:  # DataError (file:line), or a file name whose extension names no format
                 raise UserError(str(e) if str(e).startswith(args.file) else f"--file {args.file}: {e}") from None
             texts, pairs = data.texts, data.pairs

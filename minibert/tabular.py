@@ -81,6 +81,17 @@ class DataError(ValueError):
         super().__init__(f"{self.path}:{line}: {problem}")
 
 
+class NotUtf8Error(DataError):
+    """Bytes that are not UTF-8. `how` names the way to read them anyway: the keyword here, and a
+    command's flag where a command re-raises it (finetune, distill and predict take --errors)."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int, offset: int, bad: str,
+                 how: str = "errors='replace'") -> None:
+        self.offset, self.bad = offset, bad
+        super().__init__(path, line, f"bytes that are not UTF-8 at byte offset {offset} (0x{bad}); re-encode the "
+                         f"file as UTF-8, or read such bytes as U+FFFD ({how})")
+
+
 class BadRowError(DataError):
     """A problem confined to one row (a missing field, an empty text or label, a broken JSON
     line): ``read_labeled(..., skip_bad_rows=True)`` skips such rows instead of raising."""
@@ -179,13 +190,7 @@ def _decode(raw: bytes, path: str, errors: str) -> str:
         offset = bom + e.start
         line = raw.count(b"\n", 0, offset) + 1
         bad = raw[offset : bom + e.end].hex(" ")
-        raise DataError(
-            path,
-            line,
-            f"bytes that are not UTF-8 at byte offset {offset} (0x{bad}); "
-            "re-encode the file as UTF-8, or read such bytes as U+FFFD (errors='replace'; "
-            "--errors replace on the command line)",
-        ) from None
+        raise NotUtf8Error(path, line, offset, bad) from None
 
 
 def _split_tsv(text: str) -> list[tuple[int, list[str]]]:

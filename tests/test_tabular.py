@@ -233,6 +233,7 @@ def test_error_undecodable_bytes_names_offset_and_replace_mode(tmp_path: Path) -
     offset = content.index(b"\xe9")  # 25
     problem = error_of(excinfo, path, 3)
     assert f"byte offset {offset} (0xe9)" in problem and "errors='replace'" in problem
+    assert "--errors" not in problem  # the library names its keyword; only the commands with the flag name it
     data = read_labeled(path, errors="replace")
     assert data.texts == ["good", "caf\ufffd"]
 
