@@ -76,6 +76,7 @@ from .model import PRESETS, BertConfig, BertForSequenceClassification
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
 from .strategies import PackedInputs, PlainInputs
+from .tabular import ERRORS_HELP
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, UserError, autocast, cli_main, field, grad_scaler, optimizer_step, pick_device,
@@ -107,9 +108,7 @@ class DistillConfig(RunOptions):
     text_pair_col: Optional[str] = field(None, "second text column for sentence pairs")
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)")
     skip_bad_rows: bool = field(False, "leave out malformed rows and report their lines, instead of stopping")
-    errors: str = field("strict", "bytes that are not UTF-8 in the data files: 'strict' stops at the first, "
-                        "naming its file, line and byte; 'replace' reads them as U+FFFD",
-                        choices=("strict", "replace"))
+    errors: str = field("strict", ERRORS_HELP, choices=("strict", "replace"))
     max_len: Optional[int] = field(None, "truncate rows to this many tokens (default: the teacher's tokenizer "
                                    "setting)")
     pack: bool = field(False, "pack each batch's texts into rows of --max-len instead of padding (same math, fewer "

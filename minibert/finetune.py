@@ -45,7 +45,7 @@ from .model import ATTN_IMPLS, PRESETS, BertConfig
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
 from .strategies import FGM, STRATEGIES, Strategy
-from .tabular import BadRowError, DataError, LabelMap, NotUtf8Error, read_labeled
+from .tabular import ERRORS_HELP, BadRowError, DataError, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field,
@@ -80,9 +80,7 @@ class FinetuneConfig(RunOptions):
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)", fixed=True)
     skip_bad_rows: bool = field(False, "leave out malformed rows (missing field, empty text or label, broken JSON) "
                                 "and report their lines, instead of stopping at the first", fixed=True)
-    errors: str = field("strict", "bytes that are not UTF-8 in the data files: 'strict' stops at the first, "
-                        "naming its file, line and byte; 'replace' reads them as U+FFFD",
-                        choices=("strict", "replace"))
+    errors: str = field("strict", ERRORS_HELP, choices=("strict", "replace"))
     task: str = field("auto", "auto: regression when some label is a number with a fraction (3.8), else "
                       "classification (1.0 counts as the class 1)", fixed=True,
                       choices=("auto", "classification", "regression"))
@@ -232,7 +230,7 @@ def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], fl
         raise DataError(e.path, e.line, f"{e.problem} (fix the row, or pass --skip-bad-rows to leave such rows out)"
                         ) from None
     except NotUtf8Error as e:
-        raise NotUtf8Error(e.path, e.line, e.offset, e.bad, how="--errors replace") from None
+        raise e.on_command_line() from None
     except DataError:
         raise
     except OSError as e:

@@ -25,7 +25,7 @@ from torch import Tensor
 from .checkpoint import CheckpointError, resolve_model_dir
 from .model import BertForMaskedLM, BertForSequenceClassification
 from .strategies import PackedInputs, PlainInputs, Prompt  # noqa: F401 (PackedInputs: predict's inputs, re-exported)
-from .tabular import LabelMap, NotUtf8Error, read_labeled
+from .tabular import ERRORS_HELP, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import USER_ERRORS, OneLineParser, UserError, pick_device
 
@@ -123,8 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "minibert.finetune)")
     ap.add_argument("--text-col", help="text column of --file, by name or 0-based index")
     ap.add_argument("--text-pair-col", help="second-text column of --file, by name or 0-based index")
-    ap.add_argument("--errors", choices=("strict", "replace"), default="strict", help="bytes of --file that are "
-                    "not UTF-8: 'strict' stops at the first, 'replace' reads them as U+FFFD")
+    ap.add_argument("--errors", choices=("strict", "replace"), default="strict", help=ERRORS_HELP)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, "
                     "else cpu)")
     ap.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
@@ -144,7 +143,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             try:
                 data = read_labeled(args.file, col(args.text_col), col(args.text_pair_col), errors=args.errors)
             except NotUtf8Error as e:
-                raise UserError(str(NotUtf8Error(e.path, e.line, e.offset, e.bad, how="--errors replace"))) from None
+                raise UserError(str(e.on_command_line())) from None
             except ValueError as e:  # DataError (file:line), or a file name whose extension names no format
                 raise UserError(str(e) if str(e).startswith(args.file) else f"--file {args.file}: {e}") from None
             texts, pairs = data.texts, data.pairs

@@ -81,15 +81,23 @@ class DataError(ValueError):
         super().__init__(f"{self.path}:{line}: {problem}")
 
 
+# --errors of the commands that read labelled files (finetune, distill, predict)
+ERRORS_HELP = ("bytes that are not UTF-8 in the data files: 'strict' stops at the first, naming its file, line and "
+               "byte; 'replace' reads them as U+FFFD")
+
+
 class NotUtf8Error(DataError):
-    """Bytes that are not UTF-8. `how` names the way to read them anyway: the keyword here, and a
-    command's flag where a command re-raises it (finetune, distill and predict take --errors)."""
+    """Bytes that are not UTF-8. `how` names the way to read them anyway: the keyword here, and the
+    flag in the copy a command with --errors reports (`on_command_line`)."""
 
     def __init__(self, path: str | os.PathLike[str], line: int, offset: int, bad: str,
                  how: str = "errors='replace'") -> None:
         self.offset, self.bad = offset, bad
         super().__init__(path, line, f"bytes that are not UTF-8 at byte offset {offset} (0x{bad}); re-encode the "
                          f"file as UTF-8, or read such bytes as U+FFFD ({how})")
+
+    def on_command_line(self) -> "NotUtf8Error":
+        return NotUtf8Error(self.path, self.line, self.offset, self.bad, how="--errors replace")
 
 
 class BadRowError(DataError):

@@ -133,7 +133,6 @@ _BOM = b"\xef\xbb\xbf"
 
 def _decode_error(path: str, raw: bytes, line_start: int, line_no: int, err: UnicodeDecodeError) -> CorpusError:
     offset = line_start + err.start
-    hint = ""
     if line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         hint = " (the file looks like UTF-16; convert it to UTF-8)"
     else:
