@@ -17,9 +17,17 @@ width H to 4H), in the precision of the first variant.
 --profile then runs --steps more steps of each variant under torch.profiler and sums the ops'
 self CPU time into kinds (matrix products, attention, dropout, the optimizer and clipping, ...),
 so the step's time that is not arithmetic at the product's rate can be read off.
+
+A variant whose flags include --torch-dropout-and-loss (not a pretrain flag) runs with torch's own
+F.dropout and F.cross_entropy in place of model.py's CPU dropout and vocabulary loss, so the two
+can be timed against each other in one process:
+
+    python benchmarks/pretrain_step.py --variant ours="" --variant torch="--torch-dropout-and-loss" \
+        -- --corpus ../shared/data/corpus --preset mini --precision bf16 --threads 2
 """
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import sys
@@ -28,29 +36,59 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gemm_ceiling import rate  # noqa: E402  (this folder is on the path when run as a script)
 from profile_cpu import KINDS, kind  # noqa: E402
-from minibert import pretrain  # noqa: E402
+from minibert import model, pretrain  # noqa: E402
 from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
 
 
+TORCH_PATHS = "--torch-dropout-and-loss"
+
+
 def build(argv: list[str], out: Path):
+    plain = TORCH_PATHS in argv
+    argv = [a for a in argv if a != TORCH_PATHS]
     cfg = parse_config(pretrain.PretrainConfig, argv + ["--max-steps", "1000000", "--out", str(out), "--overwrite",
                                                         "--no-progress"], "pretrain_step", "")
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
-    return cfg, pretrain.setup(cfg, device, init_distributed(device), lambda *a, **k: None)
+    run = pretrain.setup(cfg, device, init_distributed(device), lambda *a, **k: None)
+    run.torch_paths = plain
+    return cfg, run
+
+
+def torch_loss(logits, labels):
+    """model.vocab_cross_entropy's general path, on every device."""
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), logits.detach().max(-1).indices
+
+
+@contextlib.contextmanager
+def torch_paths(on: bool):
+    """model.py's dropout and vocabulary loss replaced by torch's own while inside."""
+    saved = model.dropout, model.vocab_cross_entropy
+    if on:
+        model.dropout, model.vocab_cross_entropy = F.dropout, torch_loss
+    try:
+        yield
+    finally:
+        model.dropout, model.vocab_cross_entropy = saved
+
+
+def step(run, cfg):
+    with torch_paths(run.torch_paths):
+        pretrain.train_step(run, cfg, False)
 
 
 def step_flops(run, cfg) -> float:
     """FLOPs of one step, counted on the uncompiled model (the same arithmetic)."""
     net, run.net = run.net, run.model
     with FlopCounterMode(display=False) as counter:
-        pretrain.train_step(run, cfg, False)
+        step(run, cfg)
     run.net = net
     return counter.get_total_flops()
 
@@ -62,7 +100,7 @@ def matmul_rate(tokens: int, hidden: int, precision: str) -> float:
 
 
 # a training step's own kinds first (log_softmax is the loss, not attention), then the forward's
-TRAIN_KINDS = [("dropout", r"bernoulli|dropout"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
+TRAIN_KINDS = [("dropout", r"bernoulli|dropout|random_"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
                ("loss and embeddings", r"cross_entropy|nll_loss|log_softmax|embedding"), *KINDS]
 
 
@@ -70,7 +108,7 @@ def profile(run, cfg, steps: int) -> dict[str, float]:
     """Self CPU milliseconds per step, summed by TRAIN_KINDS (the first pattern that matches)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            pretrain.train_step(run, cfg, False)
+            step(run, cfg)
     kinds = dict.fromkeys([k for k, _ in TRAIN_KINDS] + ["the rest"], 0.0)
     for e in prof.key_averages():
         kinds[kind(e.key, TRAIN_KINDS)] += e.self_cpu_time_total / steps / 1e3
@@ -95,13 +133,13 @@ def main():
     flops = [step_flops(run, cfg) for cfg, run in runs]
     for cfg, run in runs:
         for _ in range(args.warmup):
-            pretrain.train_step(run, cfg, False)
+            step(run, cfg)
     seen = [[] for _ in runs]
     for _ in range(args.rounds):
         for k, (cfg, run) in enumerate(runs):
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                pretrain.train_step(run, cfg, False)
+                step(run, cfg)
             seen[k].append((time.perf_counter() - t0) / args.steps)
     precision = resolve_precision(cfg0.precision, run0.device)
     tokens, hidden = cfg0.batch_size * cfg0.seq_len, run0.model.config.hidden_size

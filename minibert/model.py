@@ -138,6 +138,37 @@ PRESETS: dict[str, dict] = {
 
 
 # -----------------------------------------------------------------------------
+# Dropout
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """F.dropout(x, p, training), with the CPU's mask drawn from 16 random bits per element.
+
+    torch's CPU dropout draws a random number for every element, and its masks took an eighth
+    of a small BERT's training step (benchmarks/pretrain_results.md, twenty-fourth round); one
+    64-bit draw split into four 16-bit lanes costs a sixth as much. p is rounded to a multiple of
+    1/65,536 (0.1 -> 0.100006) and the kept elements are scaled by 1/(1 - that p), so each element
+    keeps its expectation, as with F.dropout. The draws come from torch's generator, so seeds and
+    resumed runs stay reproducible. Other devices keep F.dropout, which is fused there."""
+    if not training or p <= 0.0 or p >= 1.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    dropped = round(p * 65536)  # of the 65,536 values a 16-bit lane takes
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)  # (ceil(n/4),) 64 bits each
+    lanes = bits.view(torch.int16)[:n].view(x.shape)  # same shape as x, uniform on [-32768, 32767]
+    keep = lanes >= dropped - 32768  # True with probability 1 - dropped / 65536
+    # the mask in x's dtype, scaled, then one product: what F.dropout computes with its own mask
+    return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through dropout() above: the same module, state and eval() behaviour."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# -----------------------------------------------------------------------------
 # Embeddings
 
 
@@ -166,7 +197,7 @@ class Embeddings(nn.Module):
             # A non-persistent buffer, so it is never saved and cannot be loaded wrongly.
             self.register_buffer("pe", sinusoidal_encoding(cfg.max_position, cfg.hidden_size), persistent=False)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def position_table(self) -> Tensor:
         return self.pos.weight if hasattr(self, "pos") else self.pe
@@ -269,7 +300,7 @@ class MultiHeadAttention(nn.Module):
                 scores = scores + mask.bias
             # 4) softmax over the keys, then dropout on the probabilities (as in BERT)
             weights = scores.softmax(dim=-1)  # (B, nh, T, T)
-            y = F.dropout(weights, p_drop, self.training) @ v  # (B, nh, T, hs)
+            y = dropout(weights, p_drop, self.training) @ v  # (B, nh, T, hs)
         else:
             # 2-4) the same function in one fused kernel, which never stores the (T, T) scores
             backend = ATTENTION_BACKENDS[self.attn_impl]
@@ -324,7 +355,7 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg, layer)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.pre_ln = cfg.norm_position == "pre"
         self.fused_kernels = cfg.fused_kernels  # how to run; switched by set_backend
 
@@ -540,24 +571,64 @@ class MLMHead(nn.Module):
         return self.decode(self.transform(h))  # (..., V)
 
 
-def summed_cross_entropy(logits: Tensor, labels: Tensor,
-                         pred: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """The loss, defined once for every head that scores chosen positions (MLM, NSP):
+def summed_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss, defined once for every head that scores chosen positions (NSP, tagging):
     (fp32 sum of the cross-entropy over the rows whose label is not -100, how many of them
     the argmax gets right, how many there are). A trainer adds sums and counts over
     micro-batches and processes and divides once, so no batch is weighted by its size
-    twice; with no labelled row the sum is 0, not the NaN a mean would be. `pred`: the
-    argmax, when the caller has already taken it (the V-wide MLM logits: not twice a step)."""
+    twice; with no labelled row the sum is 0, not the NaN a mean would be."""
     logits = logits.reshape(-1, logits.size(-1))  # (N, C)
     labels = labels.reshape(-1)  # (N,)
     keep = labels != -100
     # in fp32 even under autocast: a bf16 sum of thousands of losses would lose digits
     loss_sum = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
     # max().indices, not argmax(): the same first maximum, but argmax over bf16 rows is a slow
-    # scalar loop on CPUs, several times the cost of the V-wide decoder it follows
-    pred = logits.detach().max(-1).indices if pred is None else pred.reshape(-1)  # (N,)
-    correct = ((pred == labels) & keep).sum()
+    # scalar loop on CPUs
+    correct = ((logits.detach().max(-1).indices == labels) & keep).sum()
     return loss_sum, correct, keep.sum()
+
+
+class _RowsCrossEntropy(torch.autograd.Function):
+    """sum_i (logsumexp(x_i) - x_i[y_i]) over the (N, V) logits, and each row's argmax, taken
+    ROWS rows at a time in fp32. The same numbers as F.cross_entropy(x.float(), y, reduction="sum");
+    on a CPU it is about twice as fast for bf16 logits: it never writes the (N, V) fp32 copy, log-
+    probabilities, zeroed gradient and bf16 cast that the general path stores and reads back."""
+
+    ROWS = 64  # a (64, 16384) fp32 block is 4 MB: it stays in cache between the passes over it
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        N, R = logits.size(0), _RowsCrossEntropy.ROWS
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,) logsumexp of each row
+        pred = torch.empty(N, dtype=torch.long, device=logits.device)  # (N,)
+        for i in range(0, N, R):
+            x = logits[i:i + R].to(torch.float32, copy=True)  # (R, V) a copy: the passes below are in place
+            m, pred[i:i + R] = x.max(-1)  # the first maximum, as argmax
+            lse[i:i + R] = x.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)  # shifted by the max: no overflow
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.mark_non_differentiable(pred)
+        target = logits.gather(1, labels[:, None]).squeeze(1).float()  # (N,) x_i[y_i]
+        return (lse - target).sum(), pred
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _pred_grad) -> tuple[Tensor, None]:
+        logits, labels, lse = ctx.saved_tensors
+        out, R = torch.empty_like(logits), _RowsCrossEntropy.ROWS
+        for i in range(0, logits.size(0), R):
+            p = logits[i:i + R].to(torch.float32, copy=True).sub_(lse[i:i + R, None]).exp_()  # (R, V) softmax
+            p[torch.arange(p.size(0)), labels[i:i + R]] -= 1.0  # d/dx of -x[y]
+            out[i:i + R] = p.mul_(grad)
+        return out, None
+
+
+def vocab_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp32 sum of the cross-entropy, argmax of each row) for (N, V) logits whose N labels are
+    all real (the MLM heads gather the masked positions first). On a CPU by _RowsCrossEntropy;
+    elsewhere by F.cross_entropy, whose fused GPU kernel does not write the copies."""
+    if logits.device.type == "cpu":
+        return _RowsCrossEntropy.apply(logits, labels)
+    # in fp32 even under autocast: a bf16 sum of thousands of losses would lose digits
+    return F.cross_entropy(logits.float(), labels, reduction="sum"), logits.detach().max(-1).indices
 
 
 @dataclass
@@ -634,8 +705,8 @@ class BertForPreTraining(PretrainedModel):
             m_correct = (mlm_pred == targets).sum()
         else:
             mlm_logits = self.mlm.decode(x)  # (N, V)
-            mlm_pred = mlm_logits.detach().max(-1).indices  # (N,) the argmax, faster (summed_cross_entropy)
-            m_sum, m_correct, m_count = summed_cross_entropy(mlm_logits, targets, mlm_pred)
+            m_sum, mlm_pred = vocab_cross_entropy(mlm_logits, targets)
+            m_count, m_correct = sel.sum(), (mlm_pred == targets).sum()
             m_mean = m_sum / m_count
         out = PreTrainingOutput(m_mean, mlm_logits, nsp_logits, m_mean, None, mlm_pred, m_sum, m_correct, m_count)
         if next_sentence_label is not None:
@@ -675,8 +746,10 @@ class BertForMaskedLM(PretrainedModel):
             return MaskedLMOutput(None, self.mlm(h))
         sel = labels.reshape(-1) != -100  # (B*T,)
         logits = self.mlm(h.reshape(-1, h.size(-1))[sel])  # (N, V)
-        loss_sum, correct, count = summed_cross_entropy(logits, labels.reshape(-1)[sel])
-        return MaskedLMOutput(loss_sum / count, logits, loss_sum, correct, count)
+        targets = labels.reshape(-1)[sel]  # (N,)
+        loss_sum, pred = vocab_cross_entropy(logits, targets)
+        count = sel.sum()
+        return MaskedLMOutput(loss_sum / count, logits, loss_sum, (pred == targets).sum(), count)
 
 
 @dataclass
@@ -695,7 +768,7 @@ class BertForSequenceClassification(PretrainedModel):
         self.config = cfg
         self.bert = BertModel(cfg)
         p = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        self.drop = nn.Dropout(p)
+        self.drop = Dropout(p)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
         self.classifier.apply(self.bert._init_weights)
 
@@ -724,7 +797,7 @@ class BertForTokenClassification(PretrainedModel):
         self.config = cfg
         self.bert = BertModel(cfg)
         p = cfg.dropout if cfg.classifier_dropout is None else cfg.classifier_dropout
-        self.drop = nn.Dropout(p)
+        self.drop = Dropout(p)
         self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
         self.classifier.apply(self.bert._init_weights)
 
