@@ -18,11 +18,10 @@ width H to 4H), in the precision of the first variant.
 self CPU time into kinds (matrix products, attention, dropout, the optimizer and clipping, ...),
 so the step's time that is not arithmetic at the product's rate can be read off.
 
-A variant whose flags include --torch-dropout-and-loss (not a pretrain flag) runs with torch's own
-F.dropout and F.cross_entropy in place of model.py's CPU dropout and vocabulary loss, so the two
-can be timed against each other in one process:
+A variant whose flags include --torch-loss (not a pretrain flag) runs with F.cross_entropy in
+place of model.py's CPU vocabulary loss, so the two can be timed against each other in one process:
 
-    python benchmarks/pretrain_step.py --variant ours="" --variant torch="--torch-dropout-and-loss" \
+    python benchmarks/pretrain_step.py --variant ours="" --variant torch="--torch-loss" \
         -- --corpus ../shared/data/corpus --preset mini --precision bf16 --threads 2
 """
 
@@ -47,7 +46,7 @@ from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
 
 
-TORCH_PATHS = "--torch-dropout-and-loss"
+TORCH_PATHS = "--torch-loss"
 
 
 def build(argv: list[str], out: Path):
@@ -69,14 +68,14 @@ def torch_loss(logits, labels):
 
 @contextlib.contextmanager
 def torch_paths(on: bool):
-    """model.py's dropout and vocabulary loss replaced by torch's own while inside."""
-    saved = model.dropout, model.vocab_cross_entropy
+    """model.py's vocabulary loss replaced by torch's own while inside."""
+    saved = model.vocab_cross_entropy
     if on:
-        model.dropout, model.vocab_cross_entropy = F.dropout, torch_loss
+        model.vocab_cross_entropy = torch_loss
     try:
         yield
     finally:
-        model.dropout, model.vocab_cross_entropy = saved
+        model.vocab_cross_entropy = saved
 
 
 def step(run, cfg):
