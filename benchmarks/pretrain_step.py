@@ -26,7 +26,6 @@ place of model.py's CPU vocabulary loss, so the two can be timed against each ot
 """
 
 import argparse
-import contextlib
 import shlex
 import statistics
 import sys
@@ -35,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,41 +44,30 @@ from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
 
 
-TORCH_PATHS = "--torch-loss"
+TORCH_LOSS = "--torch-loss"
 
 
 def build(argv: list[str], out: Path):
-    plain = TORCH_PATHS in argv
-    argv = [a for a in argv if a != TORCH_PATHS]
+    torch_loss = TORCH_LOSS in argv
+    argv = [a for a in argv if a != TORCH_LOSS]
     cfg = parse_config(pretrain.PretrainConfig, argv + ["--max-steps", "1000000", "--out", str(out), "--overwrite",
                                                         "--no-progress"], "pretrain_step", "")
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
     run = pretrain.setup(cfg, device, init_distributed(device), lambda *a, **k: None)
-    run.torch_paths = plain
+    run.torch_loss = torch_loss
     return cfg, run
 
 
-def torch_loss(logits, labels):
-    """model.vocab_cross_entropy's general path, on every device."""
-    return F.cross_entropy(logits.float(), labels, reduction="sum"), logits.detach().max(-1).indices
-
-
-@contextlib.contextmanager
-def torch_paths(on: bool):
-    """model.py's vocabulary loss replaced by torch's own while inside."""
+def step(run, cfg):
+    """One pretrain step; with --torch-loss, model.py's MLM loss is torch's F.cross_entropy for it."""
     saved = model.vocab_cross_entropy
-    if on:
-        model.vocab_cross_entropy = torch_loss
+    if run.torch_loss:
+        model.vocab_cross_entropy = model.torch_vocab_cross_entropy
     try:
-        yield
+        pretrain.train_step(run, cfg, False)
     finally:
         model.vocab_cross_entropy = saved
-
-
-def step(run, cfg):
-    with torch_paths(run.torch_paths):
-        pretrain.train_step(run, cfg, False)
 
 
 def step_flops(run, cfg) -> float:
@@ -99,7 +86,7 @@ def matmul_rate(tokens: int, hidden: int, precision: str) -> float:
 
 
 # a training step's own kinds first (log_softmax is the loss, not attention), then the forward's
-TRAIN_KINDS = [("dropout", r"bernoulli|dropout|random_"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
+TRAIN_KINDS = [("dropout", r"bernoulli|dropout"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
                ("loss and embeddings", r"cross_entropy|nll_loss|log_softmax|embedding"), *KINDS]
 
 

@@ -590,14 +590,19 @@ class _RowsCrossEntropy(torch.autograd.Function):
         return out, None
 
 
-def vocab_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(fp32 sum of the cross-entropy, argmax of each row) for (N, V) logits whose N labels are
-    all real (the MLM heads gather the masked positions first). On a CPU by _RowsCrossEntropy;
-    elsewhere by F.cross_entropy, whose fused GPU kernel does not write the copies."""
-    if logits.device.type == "cpu":
-        return _RowsCrossEntropy.apply(logits, labels)
+def torch_vocab_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """vocab_cross_entropy by F.cross_entropy, whose fused GPU kernel does not write the copies."""
     # in fp32 even under autocast: a bf16 sum of thousands of losses would lose digits
     return F.cross_entropy(logits.float(), labels, reduction="sum"), logits.detach().max(-1).indices
+
+
+def vocab_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp32 sum of the cross-entropy, argmax of each row) for (N, V) logits whose N labels are
+    all real (the MLM heads gather the masked positions first): on a CPU by _RowsCrossEntropy,
+    elsewhere by torch_vocab_cross_entropy."""
+    if logits.device.type == "cpu":
+        return _RowsCrossEntropy.apply(logits, labels)
+    return torch_vocab_cross_entropy(logits, labels)
 
 
 @dataclass
