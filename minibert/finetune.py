@@ -78,8 +78,8 @@ class FinetuneConfig(RunOptions):
                                     "else 0)", fixed=True)
     text_pair_col: Optional[str] = field(None, "second text column for sentence pairs", fixed=True)
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)", fixed=True)
-    skip_bad_rows: bool = field(False, "leave out malformed rows (missing field, empty text or label, broken JSON) "
-                                "and report their lines, instead of stopping at the first", fixed=True)
+    skip_bad_rows: bool = field(False, "leave out malformed rows (missing field, extra field, empty text or label, "
+                                "broken JSON) and report their lines, instead of stopping at the first", fixed=True)
     errors: str = field("strict", ERRORS_HELP, choices=("strict", "replace"))
     task: str = field("auto", "auto: regression when some label is a number with a fraction (3.8), else "
                       "classification (1.0 counts as the class 1)", fixed=True,

@@ -18,7 +18,7 @@ indices. When a column is not given:
   * pair  -- the column named ``sentence2``, ``text_pair`` or ``question`` if there
              is one; without a header, none;
   * label -- the column named ``label``; without a header, the last column (when
-             there are at least two). A file with no label column (a test set)
+             there are at least two; counted on what most rows have). A file with no label column (a test set)
              reads with ``labels = [None, ...]``; that is only allowed when
              ``label_col`` was not given.
 A header that holds none of these names gets the headerless positions instead.
@@ -35,8 +35,8 @@ header fall outside these rules: pass ``has_header`` for them.
 
 Every problem with the file raises ``DataError`` (a ``ValueError``) whose message
 starts ``path:line:`` with the 1-based line number, like a compiler error. Problems
-confined to one row (a missing field, an empty text or label, a broken JSON line) are
-``BadRowError``s: ``skip_bad_rows=True`` leaves such rows out and lists them in
+confined to one row (a missing field, more fields than the header or first row, an empty
+text or label, a broken JSON line) are ``BadRowError``s: ``skip_bad_rows=True`` leaves such rows out and lists them in
 ``LabeledData.skipped`` instead (real files are messy: one empty row in 3,000 is common).
 Files are read whole into memory, which is fine for fine-tuning sets.
 """
@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -181,7 +182,7 @@ def read_labeled(
         data = _read_jsonl(text, path, text_col, text_pair_col, label_col, skip_bad_rows)
     else:
         rows = _split_tsv(text) if fmt == "tsv" else _split_csv(text, path)
-        data = _read_table(rows, path, text_col, text_pair_col, label_col, has_header, skip_bad_rows)
+        data = _read_table(rows, path, fmt, text_col, text_pair_col, label_col, has_header, skip_bad_rows)
     if not data.texts:
         first = data.skipped[0]
         problem = f"no usable rows: all {len(data.skipped)} are bad, the first one: {first.problem}"
@@ -296,6 +297,7 @@ def _positional_label(num_columns: int, text_index: int, pair_index: int | None)
 def _read_table(
     rows: list[tuple[int, list[str]]],
     path: str,
+    fmt: Format,
     text_col: Column,
     text_pair_col: Column,
     label_col: Column,
@@ -332,12 +334,15 @@ def _read_table(
             )
         column_names = names
     else:
+        # Without a header the file's width is what most of its rows have, so that a first row
+        # with a stray separator is the one reported rather than every row after it.
+        width = Counter(len(fields) for _, fields in rows).most_common(1)[0][0]
         text_index = text_col if isinstance(text_col, int) else 0
         pair_index = text_pair_col if isinstance(text_pair_col, int) else None
         if isinstance(label_col, int):
             label_index = label_col
         else:
-            label_index = _positional_label(len(rows[0][1]), text_index, pair_index)
+            label_index = _positional_label(width, text_index, pair_index)
         column_names = []
 
     def describe(index: int) -> str:
@@ -347,7 +352,24 @@ def _read_table(
 
     roles = (("text", text_index), ("text pair", pair_index), ("label", label_index))
     needed = [(role, index) for role, index in roles if index is not None]
+    # A row with more fields than the header (or than most rows, without one) most often holds
+    # the separator inside its text (TSV has no quoting), and then every field after it, the
+    # label included, comes from the wrong place: reading it would train on a wrong label or a
+    # cut text without a word. Empty extra fields (trailing separators, as spreadsheets write
+    # them) say nothing and are allowed.
+    if header:
+        width = len(names)
+    where_width = "the header has" if header else "most rows have"
+    separator = "a tab" if fmt == "tsv" else "an unquoted comma"
+
     def parse(line: int, fields: list[str]) -> tuple[str, str | None, RawLabel]:
+        if len(fields) > width and any(cell.strip() for cell in fields[width:]):
+            raise BadRowError(
+                path,
+                line,
+                f"row has {len(fields)} fields but {where_width} {width}: {separator} inside a text? "
+                f"Every column after it would shift, the label's among them",
+            )
         for role, index in needed:
             if index >= len(fields):
                 raise BadRowError(
