@@ -93,7 +93,7 @@ from .finetune import FinetuneConfig, read_split
 from .model import ATTN_IMPLS, PRESETS, BertConfig, BertForPreTraining, BertModel
 from .optim import build_optimizer
 from .strategies import PlainInputs
-from .tabular import LabelMap
+from .tabular import ERRORS_HELP, LabelMap
 from .tokenizer import Tokenizer
 from .toolkit import (
     UserError, autocast, cli_main, cpu_has_bf16, cpu_info, field, pick_device, resolve_precision, set_threads,
@@ -378,6 +378,8 @@ class BenchConfig:
     test: Optional[str] = field(None, "--deploy: labelled file (TSV, CSV or JSONL) each row's accuracy is measured on")
     calibrate: Optional[str] = field(None, "--deploy: texts (TSV, CSV or JSONL; labels unused) to calibrate the "
                                      "static int8 row on, 256 rows drawn at random; use training text, not --test")
+    errors: str = field("strict", "--deploy: " + ERRORS_HELP + " (--test and --calibrate)",
+                        choices=("strict", "replace"))
     latency_steps: int = field(20, "--deploy: timed rounds at batch 1 (--steps: at --infer-batch-size)")
     leave_out: list[str] = field([], "--deploy: leave out the rows whose name contains one of these words (e.g. "
                                  "torchao: its int8 kernels are slow on CPUs without VNNI)")
@@ -575,6 +577,7 @@ class Source:
     threads: int
     compile_int8: bool = True
     calibrate: Optional[str] = None  # --calibrate: texts the static int8 row takes its ranges from
+    errors: str = "strict"  # --errors: how --calibrate's bytes that are not UTF-8 are read
 
 
 def needs(*modules: str) -> None:
@@ -651,7 +654,7 @@ def serve_int8_static(src: Source) -> Served:
     from .quantize import compile_frozen, quantize_int8_static
 
     model, _ = export.load_for_export(str(src.folder), src.task)
-    m = quantize_int8_static(model, export.read_calibration(src.calibrate, src.folder))
+    m = quantize_int8_static(model, export.read_calibration(src.calibrate, src.folder, errors=src.errors))
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)  # int8 weights, their scales and the fp32 rest, as a user would store them
     return Served(call_graph_forward(compile_frozen(m)), buf.tell(), src.folder, model.model.config.vocab_size)
@@ -725,14 +728,14 @@ class TestSet:
     y: Tensor  # (N,) class ids, in file order
 
 
-def read_test(path: str, folder: Path, batch_size: int) -> TestSet:
+def read_test(path: str, folder: Path, batch_size: int, errors: str = "strict") -> TestSet:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if "id2label" not in config:
         raise UserError(f"--test: {folder} is not a classifier (no id2label in its config.json)")
     label_map = LabelMap.from_json(config)
     if label_map.is_regression:
         raise UserError(f"--test: {folder} is a regression model; the table reports class accuracy")
-    split, _ = read_split(path, FinetuneConfig(), label_map, "--test")  # columns as finetune reads --test
+    split, _ = read_split(path, FinetuneConfig(errors=errors), label_map, "--test")  # as finetune reads --test
     if split.y is None:
         raise UserError(f"--test {path}: no label column")
     tok = Tokenizer.from_pretrained(folder)
@@ -769,7 +772,7 @@ def serve_all(args: BenchConfig, tmp: Path, threads: int) -> tuple[dict[str, Ser
             skipped[name] = "left out (--leave-out)"
             continue
         try:
-            served[name] = build(Source(base, task, tmp, threads, args.compile_int8, args.calibrate))
+            served[name] = build(Source(base, task, tmp, threads, args.compile_int8, args.calibrate, args.errors))
         except Skipped as e:
             skipped[name] = str(e)
         if args.compile and name in COMPILED_ROWS and name in served:
@@ -793,7 +796,8 @@ def run_deploy(args: BenchConfig) -> dict:
         served, skipped, task = serve_all(args, Path(tmp), threads)
         if args.test and task != "classifier":
             raise UserError(f"--test: {args.model} is not a sequence classifier; the table reports class accuracy")
-        tests = {s.folder: read_test(args.test, s.folder, B) for s in served.values()} if args.test else {}
+        tests = ({s.folder: read_test(args.test, s.folder, B, args.errors) for s in served.values()}
+                 if args.test else {})
         cpu = torch.device("cpu")
         gen = torch.Generator().manual_seed(args.seed)
         vocabs = sorted({s.vocab_size for s in served.values()})

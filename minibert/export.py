@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from .checkpoint import atomic_write, resolve_model_dir
 from .model import BertForSequenceClassification, BertModel
+from .tabular import ERRORS_HELP
 from .toolkit import UserError, cli_main, field
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -80,6 +81,7 @@ class ExportConfig:
     calibrate: Optional[str] = field(None, "--format pt2 --quantize int8: texts (TSV, CSV or JSONL; labels unused) "
                                      "whose activation ranges fix the int8 scales, 256 rows drawn at random; use "
                                      "training text")
+    errors: str = field("strict", ERRORS_HELP + " (in --calibrate's file)", choices=("strict", "replace"))
     task: str = field("auto", "what the graph outputs: encoder (hidden states), classifier (logits), or auto "
                       "(classifier when the folder holds a sequence classifier)", choices=("auto", *TASKS))
 
@@ -150,16 +152,19 @@ def dynamic_shapes(model: GraphForward) -> dict:
 CALIBRATION_ROWS = 256  # what static int8's ranges are taken from: enough for a stable histogram
 
 
-def read_calibration(path: str, folder: Path, batch_size: int = 32) -> list[tuple[Tensor, Tensor, Tensor]]:
+def read_calibration(path: str, folder: Path, batch_size: int = 32, errors: str = "strict"
+                     ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """CALIBRATION_ROWS texts drawn at random (seed 0) from a TSV, CSV or JSONL file (labels, if
     any, unused), tokenized for the model in folder, as (input_ids, attention_mask,
     token_type_ids) batches."""
     from .strategies import PlainInputs
-    from .tabular import read_labeled
+    from .tabular import NotUtf8Error, read_labeled
     from .tokenizer import Tokenizer
 
     try:
-        data = read_labeled(path)
+        data = read_labeled(path, errors=errors)
+    except NotUtf8Error as e:
+        raise UserError(f"--calibrate: {e.on_command_line()}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"--calibrate {path}: cannot read it ({e})") from None
     tok = Tokenizer.from_pretrained(folder)
@@ -269,7 +274,7 @@ def run(cfg: ExportConfig) -> None:
     if cfg.format == "pt2" and cfg.quantize == "int8":
         from .quantize import quantize_int8_static
 
-        calibration = read_calibration(cfg.calibrate, resolve_model_dir(cfg.model))
+        calibration = read_calibration(cfg.calibrate, resolve_model_dir(cfg.model), errors=cfg.errors)
         export_pt2(model, out, quantize_int8_static(model, calibration))
     elif cfg.format == "pt2":
         export_pt2(model, out)

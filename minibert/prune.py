@@ -58,7 +58,7 @@ from .finetune import evaluate
 from .model import BertModel
 from .predict import Classifier, score_items, to_device
 from .strategies import task_loss
-from .tabular import BadRowError, DataError, read_labeled
+from .tabular import ERRORS_HELP, BadRowError, DataError, NotUtf8Error, read_labeled
 from .toolkit import RunOptions, UserError, autocast, cli_main, field, pick_device, prepare_output, set_threads
 
 
@@ -72,6 +72,7 @@ class PruneConfig(RunOptions):
     text_col: Optional[str] = field(None, "text column, by name or 0-based index")
     text_pair_col: Optional[str] = field(None, "second text column for sentence pairs")
     label_col: Optional[str] = field(None, "label column (default: 'label', else the last)")
+    errors: str = field("strict", ERRORS_HELP, choices=("strict", "replace"))
     data_limit: int = field(2048, "score importance on this many random rows of --data (0 = all)")
     heads: float = field(0.0, "fraction of all attention heads to remove, the least important first")
     ffn: float = field(0.0, "fraction of all feed-forward neurons to remove, the least important first")
@@ -265,7 +266,10 @@ def read_task_rows(path: str, flag: str, cfg: PruneConfig, clf: Classifier, limi
                    ) -> tuple[list, Tensor]:
     """A labelled file -> (items encoded for the model, labels as the model's class ids)."""
     try:
-        data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col))
+        data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
+                            errors=cfg.errors)
+    except NotUtf8Error as e:
+        raise e.on_command_line() from None
     except BadRowError as e:
         raise DataError(e.path, e.line, f"{e.problem} (fix the row)") from None
     except DataError:

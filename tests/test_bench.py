@@ -437,3 +437,15 @@ def test_the_step_profile_sorts_a_training_steps_ops_into_the_kinds_it_names(ben
             "aten::copy_": "layout", "aten::fill_": "the rest"}
     for op, kind in want.items():
         assert step.kind(op, step.TRAIN_KINDS) == kind, op
+
+
+def test_deploy_test_file_that_is_not_utf8_names_the_flag_and_errors_replace_reads_it(deploy_folders, tmp_path):
+    import minibert.bench as bench
+    from minibert.tabular import DataError
+
+    latin = tmp_path / "latin1.tsv"
+    latin.write_bytes("sentence\tlabel\na good film\t1\n".encode("utf-8") + "un caf\xe9 froid\t0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r":3: bytes that are not UTF-8 .*--errors replace"):
+        bench.read_test(str(latin), deploy_folders["model"], 4)
+    assert bench.read_test(str(latin), deploy_folders["model"], 4, errors="replace").y.tolist() == [1, 0]
+    assert bench.BenchConfig(deploy=True, model=str(deploy_folders["model"]), errors="replace").errors == "replace"

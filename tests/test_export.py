@@ -317,3 +317,20 @@ def test_user_errors_are_one_line_and_exit_1(args, says, tmp_path, capsys, monke
     assert err.startswith("python -m minibert.export: error: ") and says in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_calibration_file_that_is_not_utf8_names_the_flag_that_reads_it(classifier, tmp_path, capsys):
+    from minibert.export import read_calibration
+    from minibert.toolkit import UserError
+
+    latin = tmp_path / "latin1.tsv"
+    latin.write_bytes("sentence\tlabel\na good film\tpos\n".encode("utf-8")
+                      + "un caf\xe9 froid\tneg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"--calibrate: .*:3: bytes that are not UTF-8 .*\(0xe9\).*--errors replace"):
+        read_calibration(str(latin), classifier)
+    assert sum(len(b[0]) for b in read_calibration(str(latin), classifier, errors="replace")) == 2
+    argv = ["--model", str(classifier), "--format", "pt2", "--quantize", "int8", "--calibrate", str(latin),
+            "--out", str(tmp_path / "x.pt2")]
+    assert export_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--errors replace" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.pt2").exists()

@@ -266,3 +266,16 @@ def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     assert cli(env, "bad", *extra) == 1
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1
+
+
+def test_a_data_file_that_is_not_utf8_stops_with_the_flag_that_reads_it(env, capsys):
+    latin = env["dir"] / "latin1.tsv"
+    rows_ = "".join(f"{t}\t{y}\n" for t, y in rows(24, 0))
+    latin.write_bytes(("sentence\tlabel\n" + rows_).encode("utf-8") + "un film tr\xe8s bad\tneg\n".encode("latin-1"))
+    argv = ["--model", str(env["clf"]), "--data", str(latin), "--out", str(env["dir"] / "latin"), "--batch-size", "8",
+            "--threads", "1", "--heads", "0.25"]
+    assert prune.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{latin}:26: bytes that are not UTF-8 at byte offset" in err and "(0xe8)" in err
+    assert "--errors replace" in err and len(err.strip().splitlines()) == 1
+    assert prune.main(argv + ["--errors", "replace"]) == 0
