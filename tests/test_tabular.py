@@ -191,13 +191,18 @@ def test_error_missing_column_headerless_by_index(tmp_path: Path) -> None:
     assert error_of(excinfo, path, 3) == "row has 2 field(s) but the label is column 2: missing column"
 
 
-def test_error_extra_field_names_the_row_instead_of_shifting_the_label(tmp_path: Path) -> None:
-    # A tab inside a TSV sentence splits it: without the check the label would be read from
-    # the sentence's second half ("still", a new class) and the text cut at the tab.
-    path = write(tmp_path, "x.tsv", "sentence\tlabel\ngood\t1\nslow\tstill fun\t1\nbad\t0\n")
+def problem_of_reading(path: str, line: int) -> str:
+    """read_labeled(path) must stop at `line`; return its problem text."""
     with pytest.raises(DataError) as excinfo:
         read_labeled(path)
-    assert error_of(excinfo, path, 3) == (
+    return error_of(excinfo, path, line)
+
+
+def test_error_extra_field_names_the_row_instead_of_shifting_the_label(tmp_path: Path) -> None:
+    # A tab inside a TSV sentence splits it: without the check the label would be read from
+    # the sentence's second half ("still fun", a new class) and the text cut at the tab.
+    path = write(tmp_path, "x.tsv", "sentence\tlabel\ngood\t1\nslow\tstill fun\t1\nbad\t0\n")
+    assert problem_of_reading(path, 3) == (
         "row has 3 fields but the header has 2: a tab inside a text? "
         "Every column after it would shift, the label's among them"
     )
@@ -206,21 +211,15 @@ def test_error_extra_field_names_the_row_instead_of_shifting_the_label(tmp_path:
     # Without a header the width is what most rows have, so a stray tab in the first row is
     # the row reported, and the label stays the last column of the others.
     path = write(tmp_path, "y.tsv", "slow\tstill fun\t1\ngood\t1\nbad\t0\n")
-    with pytest.raises(DataError) as excinfo:
-        read_labeled(path)
-    assert error_of(excinfo, path, 1).startswith("row has 3 fields but most rows have 2: a tab")
+    assert problem_of_reading(path, 1).startswith("row has 3 fields but most rows have 2: a tab")
     data = read_labeled(path, skip_bad_rows=True)
     assert (data.texts, data.labels) == (["good", "bad"], ["1", "0"])
     # A text-only file (what predict reads): a line is not cut at a tab without a word.
     path = write(tmp_path, "z.tsv", "a fine film\nslow\tstill fun\nbad\n")
-    with pytest.raises(DataError) as excinfo:
-        read_labeled(path)
-    assert error_of(excinfo, path, 2).startswith("row has 2 fields but most rows have 1")
+    assert problem_of_reading(path, 2).startswith("row has 2 fields but most rows have 1")
     # CSV: a comma outside quotes.
     path = write(tmp_path, "x.csv", 'text,label\n"slow, still fun",1\nslow, still fun,1\n')
-    with pytest.raises(DataError) as excinfo:
-        read_labeled(path)
-    assert error_of(excinfo, path, 3).startswith("row has 3 fields but the header has 2: an unquoted comma")
+    assert problem_of_reading(path, 3).startswith("row has 3 fields but the header has 2: an unquoted comma")
 
 
 def test_empty_extra_fields_and_unused_named_columns_are_read(tmp_path: Path) -> None:
