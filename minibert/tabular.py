@@ -17,10 +17,10 @@ indices. When a column is not given:
              header, column 0;
   * pair  -- the column named ``sentence2``, ``text_pair`` or ``question`` if there
              is one; without a header, none;
-  * label -- the column named ``label``; without a header, the last column (when
-             there are at least two; counted on what most rows have). A file with no label column (a test set)
-             reads with ``labels = [None, ...]``; that is only allowed when
-             ``label_col`` was not given.
+  * label -- the column named ``label``; without a header, the last column of what
+             most rows have (when there are at least two). A file with no label
+             column (a test set) reads with ``labels = [None, ...]``; that is only
+             allowed when ``label_col`` was not given.
 A header that holds none of these names gets the headerless positions instead.
 Default names match case-insensitively; names you pass match exactly.
 
@@ -35,9 +35,9 @@ header fall outside these rules: pass ``has_header`` for them.
 
 Every problem with the file raises ``DataError`` (a ``ValueError``) whose message
 starts ``path:line:`` with the 1-based line number, like a compiler error. Problems
-confined to one row (a missing field, more fields than the header or first row, an empty
-text or label, a broken JSON line) are ``BadRowError``s: ``skip_bad_rows=True`` leaves such rows out and lists them in
-``LabeledData.skipped`` instead (real files are messy: one empty row in 3,000 is common).
+confined to one row (a missing field, more fields than the header or most rows, an empty
+text or label, a broken JSON line) are ``BadRowError``s: ``skip_bad_rows=True`` leaves such
+rows out and lists them in ``LabeledData.skipped`` instead (real files are messy: one empty row in 3,000 is common).
 Files are read whole into memory, which is fine for fine-tuning sets.
 """
 
@@ -102,8 +102,8 @@ class NotUtf8Error(DataError):
 
 
 class BadRowError(DataError):
-    """A problem confined to one row (a missing field, an empty text or label, a broken JSON
-    line): ``read_labeled(..., skip_bad_rows=True)`` skips such rows instead of raising."""
+    """A problem confined to one row (a missing field, an extra field, an empty text or label, a
+    broken JSON line): ``read_labeled(..., skip_bad_rows=True)`` skips such rows instead of raising."""
 
 
 @dataclass
@@ -333,10 +333,12 @@ def _read_table(
                 f"({', '.join(map(repr, names))}); pass text_col",
             )
         column_names = names
+        width, where_width = len(names), "the header has"
     else:
         # Without a header the file's width is what most of its rows have, so that a first row
         # with a stray separator is the one reported rather than every row after it.
         width = Counter(len(fields) for _, fields in rows).most_common(1)[0][0]
+        where_width = "most rows have"
         text_index = text_col if isinstance(text_col, int) else 0
         pair_index = text_pair_col if isinstance(text_pair_col, int) else None
         if isinstance(label_col, int):
@@ -357,9 +359,6 @@ def _read_table(
     # label included, comes from the wrong place: reading it would train on a wrong label or a
     # cut text without a word. Empty extra fields (trailing separators, as spreadsheets write
     # them) say nothing and are allowed.
-    if header:
-        width = len(names)
-    where_width = "the header has" if header else "most rows have"
     separator = "a tab" if fmt == "tsv" else "an unquoted comma"
 
     def parse(line: int, fields: list[str]) -> tuple[str, str | None, RawLabel]:
