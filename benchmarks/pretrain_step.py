@@ -18,10 +18,11 @@ width H to 4H), in the precision of the first variant.
 self CPU time into kinds (matrix products, attention, dropout, the optimizer and clipping, ...),
 so the step's time that is not arithmetic at the product's rate can be read off.
 
-A variant whose flags include --torch-loss (not a pretrain flag) runs with F.cross_entropy in
-place of model.py's CPU vocabulary loss, so the two can be timed against each other in one process:
+A variant whose flags include --torch-loss or --torch-dropout (not pretrain flags) runs with
+F.cross_entropy in place of model.py's CPU vocabulary loss, or F.dropout in place of its CPU
+dropout, so each can be timed against torch's own in one process:
 
-    python benchmarks/pretrain_step.py --variant ours="" --variant torch="--torch-loss" \
+    python benchmarks/pretrain_step.py --variant ours="" --variant torch="--torch-loss --torch-dropout" \
         -- --corpus ../shared/data/corpus --preset mini --precision bf16 --threads 2
 """
 
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,30 +46,33 @@ from minibert.bench import cpu_name  # noqa: E402
 from minibert.toolkit import init_distributed, parse_config, pick_device, resolve_precision, set_threads  # noqa: E402
 
 
-TORCH_LOSS = "--torch-loss"
+TORCH_LOSS, TORCH_DROPOUT = "--torch-loss", "--torch-dropout"
 
 
 def build(argv: list[str], out: Path):
-    torch_loss = TORCH_LOSS in argv
-    argv = [a for a in argv if a != TORCH_LOSS]
+    torch_loss, torch_dropout = TORCH_LOSS in argv, TORCH_DROPOUT in argv
+    argv = [a for a in argv if a not in (TORCH_LOSS, TORCH_DROPOUT)]
     cfg = parse_config(pretrain.PretrainConfig, argv + ["--max-steps", "1000000", "--out", str(out), "--overwrite",
                                                         "--no-progress"], "pretrain_step", "")
     device = pick_device(cfg.device)
     set_threads(cfg.threads)
     run = pretrain.setup(cfg, device, init_distributed(device), lambda *a, **k: None)
-    run.torch_loss = torch_loss
+    run.torch_loss, run.torch_dropout = torch_loss, torch_dropout
     return cfg, run
 
 
 def step(run, cfg):
-    """One pretrain step; with --torch-loss, model.py's MLM loss is torch's F.cross_entropy for it."""
-    saved = model.vocab_cross_entropy
+    """One pretrain step; with --torch-loss, model.py's MLM loss is torch's F.cross_entropy for it,
+    with --torch-dropout its dropout is F.dropout."""
+    saved = model.vocab_cross_entropy, model.dropout
     if run.torch_loss:
         model.vocab_cross_entropy = model.torch_vocab_cross_entropy
+    if run.torch_dropout:
+        model.dropout = F.dropout
     try:
         pretrain.train_step(run, cfg, False)
     finally:
-        model.vocab_cross_entropy = saved
+        model.vocab_cross_entropy, model.dropout = saved
 
 
 def step_flops(run, cfg) -> float:
@@ -86,7 +91,8 @@ def matmul_rate(tokens: int, hidden: int, precision: str) -> float:
 
 
 # a training step's own kinds first (log_softmax is the loss, not attention), then the forward's
-TRAIN_KINDS = [("dropout", r"bernoulli|dropout"), ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
+TRAIN_KINDS = [("dropout", r"bernoulli|dropout|random_"),
+               ("optimizer and clipping", r"adam|_foreach|clamp|vector_norm"),
                ("loss and embeddings", r"cross_entropy|nll_loss|log_softmax|embedding"), *KINDS]
 
 

@@ -430,6 +430,7 @@ result("overfit_dev_last", f"{last:.1%}")
 result("overfit_train_loss_last", f"{loss_curve(h_plain)[-1][1]:.3f}")
 result("plain_test_accuracy", f"{m_plain['test']['accuracy']:.1%}")
 result("regularised_test_accuracy", f"{m_reg['test']['accuracy']:.1%}")
+result("regularised_best_dev", f"{m_reg['dev']['accuracy']:.1%}")
 result("regularised_steps", f"{m_reg['train']['steps']} of {m_plain['train']['steps']}")
 # how far apart must two accuracies on 300 test rows be to mean anything?
 p_hat = m_plain["test"]["accuracy"]

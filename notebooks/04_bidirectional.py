@@ -254,35 +254,59 @@ for i, text in enumerate(["the soup was [MASK] , highly recommended .", "the sta
 #
 # From the folder just written, on 1,000 rows of the embedded sentiment set (a fixed
 # sample), 2 epochs in batches of 16 (126 steps), learning rate 1e-3; plus the same
-# architecture trained from scratch with the same settings.
+# architecture trained from scratch with the same settings. Each setting runs with seeds
+# 0, 1 and 2 (the classifier's initialisation, the batch order and the dropout masks):
+# runs this short land far apart, and one seed alone can tell either story.
 
 # %%
 table = {}
+SEEDS = (0, 1, 2)
 
 
-def finetune(name, **fields):
-    cfg = FinetuneConfig(train=files["train"], dev=files["dev"], test=files["test"], out=str(WORK / name),
-                         progress=False, log_every=10_000, seed=0, **fields)
+def finetune(name, seed=0, **fields):
+    cfg = FinetuneConfig(train=files["train"], dev=files["dev"], test=files["test"], out=str(WORK / f"{name}-{seed}"),
+                         progress=False, log_every=10_000, seed=seed, **fields)
     t = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # each run logs a few lines; keep the notebook short
         metrics = run(cfg, log=lambda s: None)
-    row = {"test accuracy": metrics["test"]["accuracy"], "trainable": metrics.get("trainable_parameters"),
-           "seconds": time.perf_counter() - t}
-    table[name] = row
-    print(f"{name:22s} test accuracy {row['test accuracy']:.3f}  trainable parameters {row['trainable'] or 0:>9,}"
-          f"  ({row['seconds']:.0f} s)")
+    row = table.setdefault(name, {"test accuracy": [], "constant": 0, "trainable": metrics.get("trainable_parameters"),
+                                  "seconds": 0.0})
+    row["test accuracy"].append(metrics["test"]["accuracy"])
+    cm = metrics["test"]["confusion_matrix"]  # rows true class, columns predicted
+    row["constant"] += min(sum(r[j] for r in cm) for j in range(len(cm))) == 0  # one class never predicted
+    row["seconds"] += time.perf_counter() - t
     return metrics
 
 
+def finetune_seeds(name, **fields):
+    """finetune() once per seed; prints the test accuracy of each and their mean, returns seed 0's metrics."""
+    runs = [finetune(name, seed=s, **fields) for s in SEEDS]
+    row = table[name]
+    accs = ", ".join(f"{a:.3f}" for a in row["test accuracy"])
+    print(f"{name:22s} test accuracy {np.mean(row['test accuracy']):.3f} (seeds {accs})"
+          f"  trainable parameters {row['trainable'] or 0:>9,}  ({row['seconds']:.0f} s)")
+    return runs[0]
+
+
+def result_row(name, key):
+    accs = table[name]["test accuracy"]
+    result("acc_" + key, f"{np.mean(accs):.1%}")
+    result(f"acc_{key}_seeds", " / ".join(f"{a:.1%}" for a in accs))
+    result(f"constant_{key}", f"{table[name]['constant']} of {len(accs)}")
+
+
+test_labels = [int(x) for x in read_labeled(files["test"]).labels]
+majority = max(np.mean(test_labels), 1 - np.mean(test_labels))  # the accuracy of always answering "positive"
+result("test_majority", f"{majority:.1%}")
 init = str(WORK / "pretrained")
 common = dict(train_limit=1000, epochs=2, batch_size=16, lr=1e-3, warmup=0.1)
-finetune("from scratch", from_scratch=True, preset="tiny", tokenizer=VOCAB, **common)
-finetune("full", init=init, **common)
-finetune("partial (freeze 1 of 2)", init=init, strategy="partial", freeze_layers="1", **common)
-finetune("head only", init=init, strategy="partial", freeze_layers="all", **common)
+finetune_seeds("from scratch", from_scratch=True, preset="tiny", tokenizer=VOCAB, **common)
+finetune_seeds("full", init=init, **common)
+finetune_seeds("partial (freeze 1 of 2)", init=init, strategy="partial", freeze_layers="1", **common)
+finetune_seeds("head only", init=init, strategy="partial", freeze_layers="all", **common)
 for name, row in table.items():
     key = name.split(" (")[0].replace(" ", "_")
-    result("acc_" + key, f"{row['test accuracy']:.1%}")
+    result_row(name, key)
     result("trainable_" + key, f"{row['trainable']:,}")
 
 # %% [markdown]
@@ -296,6 +320,7 @@ for name, row in table.items():
 prompt = dict(init=init, strategy="prompt", template="{text} It was [MASK].", verbalizer="0:bad,1:good")
 m0 = finetune("prompt zero-shot", epochs=0, **prompt)
 m16 = finetune("prompt few-shot (k=16)", few_shot_k=16, epochs=10, batch_size=8, lr=1e-3, warmup=0.1, **prompt)
+print(f"prompt zero-shot test accuracy {m0['test']['accuracy']:.3f}, few-shot (k=16) {m16['test']['accuracy']:.3f}")
 result("prompt_zero_shot", f"{m0['test']['accuracy']:.1%}")
 result("prompt_few_shot", f"{m16['test']['accuracy']:.1%}")
 result("prompt_zero_shot_confusion", m0["test"]["confusion_matrix"])
@@ -311,23 +336,23 @@ result("prompt_zero_shot_confusion", m0["test"]["confusion_matrix"])
 # $M_{pre}$. λ = 0.1, otherwise the settings of the full fine-tuning run.
 
 # %%
-mb = finetune("bidirectional (λ=0.1)", init=init, strategy="bidirectional", align_weight=0.1, **common)
-bi = mb["bidirectional"]
-print(f"M_pre held-out MLM accuracy (on the dev sentences): before {bi['mlm_accuracy_before']:.3f}, "
+mb = finetune_seeds("bidirectional (λ=0.1)", init=init, strategy="bidirectional", align_weight=0.1, **common)
+bi = mb["bidirectional"]  # seed 0's M_pre
+print(f"M_pre held-out MLM accuracy (on the dev sentences), seed 0: before {bi['mlm_accuracy_before']:.3f}, "
       f"after {bi['mlm_accuracy_after']:.3f}")
-result("acc_bidirectional", f"{mb['test']['accuracy']:.1%}")
+result_row("bidirectional (λ=0.1)", "bidirectional")
 result("mpre_mlm_before", f"{bi['mlm_accuracy_before']:.1%}")
 result("mpre_mlm_after", f"{bi['mlm_accuracy_after']:.1%}")
 ratio = table["bidirectional (λ=0.1)"]["seconds"] / table["full"]["seconds"]
 print(f"wall time, bidirectional / full: {ratio:.1f}x on this machine (a timing: it varies from run to run)")
 
 # %%
-test_labels = [int(x) for x in read_labeled(files["test"]).labels]
-majority = max(np.mean(test_labels), 1 - np.mean(test_labels))
-result("test_majority", f"{majority:.1%}")
 fig, ax = plt.subplots(figsize=(7, 3))
-names = list(table)
-ax.barh(names, [table[n]["test accuracy"] for n in names], color="tab:blue")
+names = list(table)  # the prompts ran once, the other settings once per seed
+ax.barh(names, [np.mean(table[n]["test accuracy"]) for n in names], color="tab:blue", alpha=0.5, label="mean")
+for i, n in enumerate(names):
+    accs = table[n]["test accuracy"]
+    ax.plot(accs, [i] * len(accs), "k.", label="one run" if i == 0 else None)
 ax.axvline(majority, color="gray", ls=":", label="always the majority class")
 ax.set_xlim(0.4, 1.0)
 ax.set_xlabel("test accuracy (embedded sentiment set)")

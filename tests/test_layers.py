@@ -21,6 +21,7 @@ from minibert.model import (
     EncoderLayer,
     MultiHeadAttention,
     attention_bias,
+    dropout,
     gelu,
     sinusoidal_encoding,
     summed_cross_entropy,
@@ -248,6 +249,46 @@ def test_vocab_cross_entropy_matches_torch(N, dtype):
                                atol=1e-6)
     assert torch.equal(pred, x.detach().float().argmax(-1))
     assert pred.requires_grad is False
+
+
+def test_dropout_keeps_each_element_with_probability_1_minus_p():
+    # model.dropout draws the CPU mask 16 bits per element from 64-bit draws. Each of the four
+    # lanes of a draw must drop at rate p (a lane left with fewer random bits would not), any two
+    # lanes of one draw must drop independently (rate p**2 together), and the kept elements
+    # must be scaled so each element keeps its expectation. Bounds: 6 binomial standard errors.
+    n, p = 1 << 20, 0.3
+    torch.manual_seed(0)
+    y = dropout(torch.ones(n), p, True)
+    p_eff = round(p * 65536) / 65536
+    dropped = (y == 0).view(-1, 4)  # (n/4, 4): the four lanes of each 64-bit draw
+    se = math.sqrt(p * (1 - p) / (n / 4))
+    for lane in range(4):
+        assert abs(dropped[:, lane].float().mean().item() - p) < 6 * se
+    for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        both = (dropped[:, a] & dropped[:, b]).float().mean().item()
+        assert abs(both - p * p) < 6 * math.sqrt(p * p * (1 - p * p) / (n / 4)), (a, b)
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p_eff)))
+    assert abs(y.mean().item() - 1.0) < 6 * math.sqrt(p / (1 - p) / n)
+
+
+def test_dropout_follows_torch_generator_and_matches_f_dropout():
+    x = torch.randn(4, 8, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    torch.manual_seed(3)
+    a = dropout(x, 0.1, True)
+    b = dropout(x, 0.1, True)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.1, True), a)  # seeds (and resumed runs) reproduce the masks
+    assert not torch.equal(a, b)  # each call draws a new mask
+    # eval mode and p = 0: the input itself; the gradient is the mask times the scale
+    assert dropout(x, 0.1, False) is x and dropout(x, 0.0, True) is x
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, (a != 0).float() / (1 - round(0.1 * 65536) / 65536))
+    # kept elements: what F.dropout gives them (in bf16 the same rounded scale, so equal)
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.randn(4096, dtype=dtype)
+        ours, theirs = dropout(z, 0.1, True), F.dropout(z, 0.1, True)
+        both = (ours != 0) & (theirs != 0)
+        torch.testing.assert_close(ours[both], theirs[both], rtol=1e-4, atol=0)
 
 
 def test_mlm_loss_ignores_unlabelled_positions():
