@@ -45,7 +45,7 @@ from .model import ATTN_IMPLS, PRESETS, BertConfig
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
 from .strategies import FGM, STRATEGIES, Strategy
-from .tabular import ERRORS_HELP, BadRowError, DataError, LabelMap, NotUtf8Error, read_labeled
+from .tabular import ERRORS_HELP, BadRowError, DataError, LabeledData, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
     KeepBest, MetricsLog, RunOptions, StopRequest, UserError, autocast, check_resume, cli_main, field,
@@ -217,18 +217,19 @@ def _col(c: Optional[str]):
     return int(c) if c is not None and c.isdigit() else c
 
 
-def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], flag: str = "--train"
-               ) -> tuple[Split, LabelMap]:
-    """Read a file; the training file defines the label map, the others are encoded with it
-    (an unknown label is an error naming its file and line)."""
+def read_labeled_file(path: str, flag: str, cfg) -> LabeledData:
+    """read_labeled for a command's file flag, with cfg's column, --errors and (where the command
+    has it) --skip-bad-rows options: every way the file can be wrong is one error that names the
+    flag, or the file and line."""
+    skip = getattr(cfg, "skip_bad_rows", None)  # None: the command has no --skip-bad-rows to suggest
     if Path(path).is_dir():
         raise UserError(f"{flag} {path}: a folder; give a TSV, CSV or JSONL file")
     try:
-        data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
-                            errors=cfg.errors, skip_bad_rows=cfg.skip_bad_rows)
+        return read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
+                            errors=cfg.errors, skip_bad_rows=bool(skip))
     except BadRowError as e:
-        raise DataError(e.path, e.line, f"{e.problem} (fix the row, or pass --skip-bad-rows to leave such rows out)"
-                        ) from None
+        hint = "fix the row" if skip is None else "fix the row, or pass --skip-bad-rows to leave such rows out"
+        raise DataError(e.path, e.line, f"{e.problem} ({hint})") from None
     except NotUtf8Error as e:
         raise e.on_command_line() from None
     except DataError:
@@ -237,6 +238,13 @@ def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], fl
         raise UserError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:  # an extension that names no format, a bad column option
         raise UserError(f"{flag} {path}: {e}") from None
+
+
+def read_split(path: str, cfg: FinetuneConfig, label_map: Optional[LabelMap], flag: str = "--train"
+               ) -> tuple[Split, LabelMap]:
+    """Read a file; the training file defines the label map, the others are encoded with it
+    (an unknown label is an error naming its file and line)."""
+    data = read_labeled_file(path, flag, cfg)
     if label_map is None:
         regression = {"auto": None, "classification": False, "regression": True}[cfg.task]
         label_map = LabelMap.from_data(data, regression)

@@ -54,11 +54,11 @@ from torch.nn.utils import prune as torch_prune
 from torch.nn.utils import skip_init
 
 from .checkpoint import atomic_write, atomic_write_text, here_mark, pretrained_here, resolve_model_dir
-from .finetune import evaluate
+from .finetune import evaluate, read_labeled_file
 from .model import BertModel
 from .predict import Classifier, score_items, to_device
 from .strategies import task_loss
-from .tabular import ERRORS_HELP, BadRowError, DataError, NotUtf8Error, read_labeled
+from .tabular import ERRORS_HELP, DataError
 from .toolkit import RunOptions, UserError, autocast, cli_main, field, pick_device, prepare_output, set_threads
 
 
@@ -258,26 +258,10 @@ def check_config(cfg: PruneConfig) -> list[float]:
     return curve
 
 
-def _col(c: Optional[str]):
-    return int(c) if c is not None and c.isdigit() else c
-
-
 def read_task_rows(path: str, flag: str, cfg: PruneConfig, clf: Classifier, limit: int = 0
                    ) -> tuple[list, Tensor]:
     """A labelled file -> (items encoded for the model, labels as the model's class ids)."""
-    try:
-        data = read_labeled(path, _col(cfg.text_col), _col(cfg.text_pair_col), _col(cfg.label_col),
-                            errors=cfg.errors)
-    except NotUtf8Error as e:
-        raise e.on_command_line() from None
-    except BadRowError as e:
-        raise DataError(e.path, e.line, f"{e.problem} (fix the row)") from None
-    except DataError:
-        raise
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
-    except ValueError as e:
-        raise UserError(f"{flag} {path}: {e}") from None
+    data = read_labeled_file(path, flag, cfg)
     if not data.has_labels:
         raise DataError(data.path, 1, "no label column; importance and accuracy need labels (name it with "
                         "--label-col)")

@@ -279,3 +279,19 @@ def test_a_data_file_that_is_not_utf8_stops_with_the_flag_that_reads_it(env, cap
     assert f"{latin}:26: bytes that are not UTF-8 at byte offset" in err and "(0xe8)" in err
     assert "--errors replace" in err and len(err.strip().splitlines()) == 1
     assert prune.main(argv + ["--errors", "replace"]) == 0
+
+
+def test_a_bad_data_file_or_a_folder_is_one_error_without_a_flag_prune_lacks(env, capsys):
+    # prune reads --data through finetune's reader: a row with a tab inside its text names the
+    # file and line; the hint is to fix the row, since prune has no --skip-bad-rows to suggest
+    shifted = env["dir"] / "shifted.tsv"
+    shifted.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows(8, 0))
+                       + "a tab\tinside\t1\n", encoding="utf-8")
+    argv = ["--model", str(env["clf"]), "--out", str(env["dir"] / "shifted"), "--threads", "1", "--heads", "0.25"]
+    assert prune.main(argv + ["--data", str(shifted)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{shifted}:10:" in err and "3 fields but the header has 2" in err and "(fix the row)" in err
+    assert "--skip-bad-rows" not in err and len(err.splitlines()) == 1
+    assert prune.main(argv + ["--data", str(env["dir"])]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--data {env['dir']}: a folder" in err and len(err.splitlines()) == 1
