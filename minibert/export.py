@@ -84,6 +84,7 @@ class ExportConfig:
     errors: str = field("strict", ERRORS_HELP + " (in --calibrate's file)", choices=("strict", "replace"))
     task: str = field("auto", "what the graph outputs: encoder (hidden states), classifier (logits), or auto "
                       "(classifier when the folder holds a sequence classifier)", choices=("auto", *TASKS))
+    overwrite: bool = field(False, "replace an existing --out file (without it, export refuses to touch one)")
 
     def __post_init__(self):
         if not self.model or not self.out:
@@ -98,6 +99,13 @@ class ExportConfig:
             raise UserError(f"--out {self.out}: folder {Path(self.out).parent} does not exist; create it first")
         if Path(self.out).is_dir():
             raise UserError(f"--out {self.out}: is a folder; give a file name such as {Path(self.out) / 'model.onnx'}")
+        # the name must say what the file holds, so that a slip of the pen (the model's own
+        # model.safetensors, a data file) cannot be written over with a graph
+        if Path(self.out).suffix != f".{self.format}":
+            raise UserError(f"--out {self.out}: --format {self.format} writes a .{self.format} file; give a name "
+                            f"ending in .{self.format}")
+        if Path(self.out).exists() and not self.overwrite:
+            raise UserError(f"--out {self.out}: the file exists; pass --overwrite to replace it")
 
 
 class GraphForward(nn.Module):

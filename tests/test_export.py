@@ -303,9 +303,14 @@ def test_calibration_takes_the_same_random_rows_every_time(classifier):
     (["--task", "classifier"], "no trained classifier head"),
     (["--out", "no/such/folder/x.onnx"], "does not exist"),
     (["--model", "no/such/model"], "not a folder"),
+    (["--out", "model.safetensors"], "give a name ending in .onnx"),
+    (["--format", "pt2"], "give a name ending in .pt2"),
+    (["--out", "old.onnx"], "the file exists; pass --overwrite"),
 ])
 def test_user_errors_are_one_line_and_exit_1(args, says, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"weights")  # what a slip of the pen could overwrite
+    (tmp_path / "old.onnx").write_bytes(b"an earlier export")
     argv = ["--model", str(MINILM), "--format", "onnx", "--out", "x.onnx"]
     for flag, value in zip(args[::2], args[1::2]):
         if flag in argv:
@@ -317,6 +322,8 @@ def test_user_errors_are_one_line_and_exit_1(args, says, tmp_path, capsys, monke
     assert err.startswith("python -m minibert.export: error: ") and says in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+    assert (tmp_path / "model.safetensors").read_bytes() == b"weights"
+    assert (tmp_path / "old.onnx").read_bytes() == b"an earlier export"
 
 
 def test_a_calibration_file_that_is_not_utf8_names_the_flag_that_reads_it(classifier, tmp_path, capsys):
