@@ -450,6 +450,8 @@ def log_scalars(tb, record: Mapping[str, Any]) -> None:
 # What marks a folder as holding a model (a model folder) or a run (a run folder's top level)
 _MODEL_OR_RUN = ("config.json", "model.safetensors", "pytorch_model.bin", "train_state.pt", "run_config.json",
                  "metrics.jsonl", "model", "best")
+# what a run writes at its start, before any model or training state; a new run replaces them
+_RUN_MARKS = ("run_config.json", "metrics.jsonl")
 
 
 def _is_within(a: Path, b: Path) -> bool:
@@ -461,7 +463,8 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
     """The output-folder policy, applied before any data preparation; returns the folder.
 
     - a folder holding a model or a run is reused only with --overwrite or --resume, and --resume
-      needs the training state (train_state.pt) a run saves;
+      needs the training state (train_state.pt) a run saves; a run that failed before its first
+      save (only run_config.json and metrics.jsonl) holds nothing, and a new run may start there;
     - `out` may not be, contain or lie inside any of `inputs` (a job never writes into what it
       reads, e.g. its --init); `inputs` is a list of paths, or {flag: path or list of paths} so that
       the message names the flag;
@@ -488,6 +491,8 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     held = [n for n in _MODEL_OR_RUN if (out / n).exists()]
+    if not set(held) - set(_RUN_MARKS):
+        held = []  # a run that stopped before its first save left only its marks: nothing to keep or resume
     if resume and not (out / "train_state.pt").is_file():  # before any data preparation, not after it
         what = "a model or run but no training state (train_state.pt)" if held else "no run (no train_state.pt)"
         raise UserError(f"--resume: {out} holds {what} to continue; start without --resume")

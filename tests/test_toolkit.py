@@ -36,6 +36,21 @@ def test_prepare_output_creates_a_missing_folder_and_accepts_an_empty_one(tmp_pa
     assert T.prepare_output(tmp_path / "empty", overwrite=False, resume=False) == tmp_path / "empty"
 
 
+def test_a_run_that_failed_before_its_first_save_does_not_block_the_next(tmp_path):
+    # a run writes run_config.json (and metrics.jsonl) at its start; one that stopped on bad input
+    # before saving anything holds nothing to keep or resume, so the corrected command may start there
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    assert T.prepare_output(out, overwrite=False, resume=False) == out
+    with pytest.raises(T.UserError, match=r"--resume: .* holds no run"):
+        T.prepare_output(out, overwrite=False, resume=True)
+    (out / "best").mkdir()  # but a saved model beside them is kept
+    with pytest.raises(T.UserError, match=r"already holds a model or run \(run_config.json, metrics.jsonl, best\)"):
+        T.prepare_output(out, overwrite=False, resume=False)
+
+
 @pytest.mark.parametrize("content", ["model folder", "run folder", "run with model/"])
 def test_prepare_output_refuses_a_folder_holding_a_model_or_run_without_overwrite(tmp_path, content):
     out = tmp_path / "out"
