@@ -370,18 +370,31 @@ def cache_key(t_dir: Path, t_items: list, precision: str) -> str:
 
 def cached_logits(path: Path, key: str, compute, log) -> Tensor:
     """compute()'s (N, C) logits, or the ones path holds when its key matches. A cache that is
-    missing, unreadable or made for other inputs is (re)computed and written atomically."""
+    missing or made for other inputs is (re)computed and written atomically. A file that is not a
+    teacher cache (unreadable as one, or without its key) is never written over: it may be the
+    user's data or model, named by a slip of the pen."""
+    if path.is_dir():
+        raise UserError(f"--teacher-cache {path}: a folder; give a file name such as {path / 'teacher.safetensors'}")
     if path.exists():
         try:
             with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    log(f"teacher logits read from {path}")
-                    return f.get_tensor("logits")
-            log(f"--teacher-cache {path}: made for another teacher, transfer set or precision; recomputing")
-        except Exception as e:  # a truncated or foreign file: the cache is only a shortcut, so rebuild it
-            log(f"--teacher-cache {path}: unreadable ({e}); recomputing")
+                found = (f.metadata() or {}).get("key")
+                if found is not None and "logits" in f.keys():
+                    if found == key:
+                        log(f"teacher logits read from {path}")
+                        return f.get_tensor("logits")
+                    found = "other"
+        except Exception:  # safetensors raises its own error types for a file it cannot parse
+            found = None
+        if found is None:
+            raise UserError(f"--teacher-cache {path}: the file exists and is not a teacher cache that distill "
+                            "wrote; give a new file name (or delete the file, if it is a cache cut short)")
+        log(f"--teacher-cache {path}: made for another teacher, transfer set or precision; recomputing")
     logits = compute().float().contiguous()
-    atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata={"key": key}))
+    try:
+        atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata={"key": key}))
+    except OSError as e:
+        raise UserError(f"--teacher-cache {path}: cannot write it ({e.strerror or e})") from None
     log(f"teacher logits written to {path}")
     return logits
 

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from minibert import BertConfig, BertForSequenceClassification, Tokenizer
 from minibert import augment, distill
 from minibert.checkpoint import PRETRAINED_HERE, pretrained_here
 from minibert.predict import Classifier
+from minibert.toolkit import UserError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -301,9 +303,16 @@ def test_the_teacher_cache_is_reused_only_for_the_same_teacher_and_texts(env):
     assert m2["dev"] == m1["dev"] and m2["train"]["steps"] == m1["train"]["steps"]
     _, log3 = go("c3", augment=1)  # other texts: recomputed, not silently reused
     assert any("made for another teacher, transfer set or precision" in line for line in log3), log3
-    cache.write_bytes(cache.read_bytes()[:40])  # truncated: rebuilt
+    # a file that is not a cache the command wrote (cut short, or the user's data named by mistake)
+    # stops the run and is left as it was: the cache is a shortcut, not a licence to write over files
+    for foreign in (cache.read_bytes()[:40], Path(env["train"]).read_bytes()):
+        cache.write_bytes(foreign)
+        with pytest.raises(UserError, match="the file exists and is not a teacher cache"):
+            go("c4", augment=1)
+        assert cache.read_bytes() == foreign
+    cache.unlink()
     _, log4 = go("c4", augment=1)
-    assert any("unreadable" in line for line in log4) and any("written to" in line for line in log4), log4
+    assert any("written to" in line for line in log4), log4
 
 
 @pytest.mark.parametrize("extra, words", [
