@@ -327,6 +327,12 @@ def prepare_data(cfg: PretrainConfig, tok: Optional[Tokenizer], log=print) -> Da
     vocab = pd.Vocab.from_tokenizer(tok)
     nsp = not cfg.no_nsp
     stream = pd.InstanceStream(cache, train_docs, cfg.seq_len, cfg.seed, cfg.short_seq_prob, nsp, cfg.static_masking)
+    if stream.epoch_size() == 0:  # else the stream would look for instances forever
+        why = (" (next-sentence prediction pairs consecutive sentences of one document, and documents are "
+               "separated by blank lines): give documents of several sentences, or pretrain without NSP "
+               "(--no-nsp)") if nsp else ""
+        raise pd.CorpusError(f"no training instances: none of the {len(train_docs):,} training documents has "
+                          f"{'two sentences' if nsp else 'any text'}{why}")
     collate = pd.Collator(cache, vocab, cfg.seed, cfg.mlm_prob, cfg.whole_word_mask, nsp,
                           pack_len=cfg.seq_len if cfg.pack else None)
     insts, keys = pd.eval_instances(cache, eval_docs, train_docs, cfg.seq_len, nsp, cfg.eval_size)
@@ -535,8 +541,6 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
         fixed = {f.name: "--" + f.name.replace("_", "-") for f in fields(cfg) if f.metadata.get("fixed")}
         saved = {**state["config"], **state.get("checks", {})}
         check_resume(saved, {**asdict(cfg), **checks}, {**fixed, **CHECK_NAMES})
-    if state is None and cfg.overwrite and dist.main:
-        clear_previous_run(out)
     tok = None
     if state is not None:
         tok = Tokenizer.from_file(out / "model")
@@ -583,6 +587,8 @@ def setup(cfg: PretrainConfig, device: torch.device, dist: Dist, log) -> Run:
             log(f"note: resuming a {state['world']}-process run with {dist.world}: dropout draws will differ")
         log(f"resumed from {out / 'train_state.pt'} at step {step}")
     elif dist.main:
+        if cfg.overwrite:  # only now: a corpus, tokenizer or --init that fails above leaves the old run as it was
+            clear_previous_run(out)
         atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
 
     net = torch.compile(model) if cfg.compile else model

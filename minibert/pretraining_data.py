@@ -550,6 +550,9 @@ class InstanceStream:
         rows, keys = [], []
         while len(keys) < n:
             insts, order = self._table(self.epoch)
+            if len(order) == 0:  # an epoch without instances: looping on would never return
+                raise CorpusError(f"no training instances in epoch {self.epoch} (documents too short for the pairs "
+                                  "or rows asked for)")
             idx = order[self.index : self.index + n - len(keys)]
             rows.append(insts[idx])
             mask_epoch = 0 if self.static else self.epoch

@@ -23,11 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minibert import BertForPreTraining, pretrain
+from minibert import pretraining_data as pd
 from minibert.checkpoint import pretrained_here
 from minibert.toolkit import build_parser, init_distributed, parse_config
 
@@ -376,10 +378,39 @@ def test_a_second_run_into_a_finished_run_fails_before_any_work(setup, reference
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_corpus_without_any_instance_is_one_error_not_an_endless_search(setup, capsys):
+    # one-sentence documents (a file of tweets or reviews, one per paragraph) give next-sentence
+    # prediction no pair at all: the stream used to look for instances epoch after epoch, forever
+    tweets = setup["tmp"] / "tweets.txt"
+    tweets.write_text("".join(f"short review number {i} was fine.\n\n" for i in range(40)), encoding="utf-8")
+    capsys.readouterr()
+    assert inprocess(setup, setup["tmp"] / "tweets", "--corpus", str(tweets), "--nsp") == 1
+    err = capsys.readouterr().err
+    assert "no training instances: none of the" in err and "has two sentences" in err and "--no-nsp" in err
+    assert inprocess(setup, setup["tmp"] / "tweets", "--corpus", str(tweets), "--no-nsp", "--max-steps", "1") == 0
+
+
+def test_the_instance_stream_never_loops_on_an_empty_epoch():
+    stream = pd.InstanceStream.__new__(pd.InstanceStream)  # only the loop is under test
+    stream.epoch, stream.index, stream.static = 0, 0, False
+    stream._table = lambda epoch: (np.zeros((0, 4), dtype=np.int32), np.zeros(0, dtype=np.int64))
+    with pytest.raises(pd.CorpusError, match="no training instances in epoch 0"):
+        stream.take(8)
+
+
 def test_overwrite_starts_a_new_run_that_keeps_nothing_of_the_old_one(setup, capsys):
     out = setup["tmp"] / "overwritten"
     assert inprocess(setup, out, "--max-steps", "2", "--eval-every", "2", "--save-every", "2") == 0
     assert (out / "best").is_dir() and (out / "train_state.pt").exists()
+    # a new run whose input fails (here a corpus that is not UTF-8) clears nothing: the old run is
+    # only removed once the new one has its data and its model
+    latin = setup["tmp"] / "latin1.txt"
+    latin.write_bytes("un caf\xe9 noir.\n".encode("latin-1"))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert inprocess(setup, out, "--overwrite", "--corpus", str(latin)) == 1
+    assert f"{latin}" in (err := capsys.readouterr().err) and "UTF-8 at byte 6" in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     # the new run dies at its first step: had it kept the old run's files, --resume would pick them up
     capsys.readouterr()
     assert inprocess(setup, out, "--overwrite", "--debug-nan-at-step", "1") == 1
