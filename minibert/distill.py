@@ -350,8 +350,15 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.alpha == 0 and (cfg.augment or cfg.unlabeled):
         raise UserError("--alpha 0 trains on the labels alone, so the unlabelled texts of --augment / --unlabeled "
                         "would add steps and teach nothing; give --alpha > 0, or leave them out")
-    if cfg.epochs < 0 or cfg.batch_size < 1:
-        raise UserError(f"need --epochs >= 0 and --batch-size >= 1; got {cfg.epochs:g}, {cfg.batch_size}")
+    if cfg.epochs <= 0 or cfg.max_steps < 0 or cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        raise UserError(f"need --epochs > 0, --max-steps >= 0 and --batch-size, --eval-batch-size >= 1 (a student "
+                        f"that takes no step is the random start); got {cfg.epochs:g}, {cfg.max_steps}, "
+                        f"{cfg.batch_size}, {cfg.eval_batch_size}")
+    if not (cfg.lr > 0 and 0 <= cfg.warmup <= 1 and cfg.clip >= 0 and cfg.weight_decay >= 0):
+        raise UserError(f"need --lr > 0, --warmup in [0, 1] (a fraction of the steps), --clip >= 0 and "
+                        f"--weight-decay >= 0; got {cfg.lr:g}, {cfg.warmup:g}, {cfg.clip:g}, {cfg.weight_decay:g}")
+    if cfg.max_len is not None and cfg.max_len < 3:
+        raise UserError(f"--max-len {cfg.max_len}: a row needs [CLS], [SEP] and at least one token (>= 3)")
     if cfg.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0 (0: after each pass), got {cfg.eval_every}")
 

@@ -66,7 +66,7 @@ class FinetuneConfig(RunOptions):
                                 "folder), or 'minilm'", fixed=True)
     from_scratch: bool = field(False, "random weights: with --init, its architecture and vocabulary (the honest "
                                "no-pretraining baseline); alone, --preset and a tokenizer", fixed=True)
-    preset: str = field("mini", f"model size for --from-scratch without --init: {', '.join(PRESETS)}", fixed=True)
+    preset: str = field("mini", "model size for --from-scratch without --init", fixed=True, choices=list(PRESETS))
     tokenizer: Optional[str] = field(None, "tokenizer folder/file for --from-scratch without --init (default: "
                                      "train one on --train)", fixed=True)
     vocab_size: int = field(8000, "vocabulary size when a tokenizer is trained for --from-scratch", fixed=True)

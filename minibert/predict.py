@@ -57,6 +57,16 @@ def score_items(model, inputs, items: Sequence, batch_size: int, device: torch.d
     return result
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: holds a {type(d).__name__}, not a JSON object")
+    return d
+
+
 @dataclass
 class Prediction:
     label: object  # the label as the training data spelled it (int or str); None for regression
@@ -71,17 +81,21 @@ class Classifier:
     def __init__(self, folder: str | Path, device: str = "cpu", batch_size: int = 64, max_len: Optional[int] = None):
         folder = resolve_model_dir(folder)
         cfg_path = folder / "config.json"
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        hf = _read_json(cfg_path)
         if "id2label" not in hf:
             raise CheckpointError(f"{cfg_path}: no id2label; this is not a fine-tuned classifier "
                                   "(run minibert.finetune first)")
-        self.label_map = LabelMap.from_json(hf)
+        try:
+            self.label_map = LabelMap.from_json(hf)
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{cfg_path}: id2label is not a mapping of class ids to labels as finetune "
+                                  f"writes it ({type(e).__name__}: {e})") from None
         self.tok = Tokenizer.from_file(folder)
         self.device = pick_device(device)
         self.batch_size = batch_size
         prompt_path = folder / "prompt.json"
         if prompt_path.exists():
-            p = json.loads(prompt_path.read_text(encoding="utf-8"))
+            p = _read_json(prompt_path)
             self.inputs = Prompt.from_dict(p, [str(x) for x in self.label_map.labels], self.tok, max_len)
             self.model = BertForMaskedLM.from_pretrained(folder)
         else:
@@ -89,6 +103,10 @@ class Classifier:
             self.model = BertForSequenceClassification.from_pretrained(folder)
             if any(n.startswith("classifier.") for n in self.model.load_report["initialised"]):
                 raise CheckpointError(f"{folder}: the checkpoint has no trained classifier head")
+            outputs, want = self.model.classifier.out_features, max(self.label_map.num_labels, 1)
+            if outputs != want:  # else a 2-class head read with one label would pass for regression
+                raise CheckpointError(f"{cfg_path}: id2label names {len(hf['id2label'])} label(s), but the "
+                                      f"classifier head has {outputs} outputs")
         self.model.to(self.device).eval()
 
     def scores(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> Tensor:
@@ -150,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             texts = args.texts
     except OSError as e:
-        return _error(prog, UserError(f"cannot read {e.filename}: {e.strerror}"))
+        return _error(prog, UserError(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e)))
     except USER_ERRORS as e:
         return _error(prog, e)
     for t, p in zip(texts, clf(texts, pairs)):

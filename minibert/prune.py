@@ -255,6 +255,8 @@ def check_config(cfg: PruneConfig) -> list[float]:
         raise UserError("--heads, --ffn and --curve rank units by their importance on task data: give --data")
     if cfg.batch_size < 1 or cfg.data_limit < 0:
         raise UserError(f"need --batch-size >= 1 and --data-limit >= 0, got {cfg.batch_size}, {cfg.data_limit}")
+    if cfg.max_len is not None and cfg.max_len < 3:
+        raise UserError(f"--max-len {cfg.max_len}: a row needs [CLS], [SEP] and at least one token (>= 3)")
     return curve
 
 

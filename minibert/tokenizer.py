@@ -30,6 +30,14 @@ def _wordpiece(vocab: Optional[dict[str, int]] = None) -> models.WordPiece:  # N
     return models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
 
 
+class TokenizerFileError(FileNotFoundError):
+    """A tokenizer file, or a folder without one: the user's mistake, shown by every command as one
+    line (toolkit.USER_ERRORS); still a FileNotFoundError for callers that catch OSError."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
     tok = _RustTokenizer(model)
     # BERT's normaliser: drop control chars, map whitespace to spaces, pad CJK chars with
@@ -110,9 +118,10 @@ class Tokenizer:
             elif (path / "vocab.txt").exists():
                 path = path / "vocab.txt"
             else:
-                raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
+                raise TokenizerFileError(f"{path}: no tokenizer.json or vocab.txt (a model folder keeps the "
+                                         f"tokenizer it was trained with beside its weights)")
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such tokenizer file")
+            raise TokenizerFileError(f"{path}: no such tokenizer file")
         if path.suffix == ".json":
             tok = cls(_RustTokenizer.from_file(str(path)), lowercase)
         else:

@@ -24,7 +24,7 @@ defined once so that a flag means the same thing in every command.
     Dist, init_distributed(device)                    torch.distributed set-up under torchrun
 
 The optimizer itself (AdamW groups, fused kernel, warmup schedule) is in minibert/optim.py.
-This module imports checkpoint, text and tabular (for their error classes); none of them may
+This module imports checkpoint, text, tabular and tokenizer (for their error classes); none of them may
 import it back.
 """
 
@@ -52,6 +52,7 @@ import torch
 from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text
 from .tabular import DataError
 from .text import CorpusError
+from .tokenizer import TokenizerFileError
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,7 +66,7 @@ class UserError(Exception):
 
 # Errors of other modules that are also the user's, not bugs. They may not import this module
 # (it imports them), so they are listed here instead of deriving from UserError.
-USER_ERRORS = (UserError, CheckpointError, CorpusError, DataError)
+USER_ERRORS = (UserError, CheckpointError, CorpusError, DataError, TokenizerFileError)
 
 
 # ----------------------------------------------------------------------------- config -> CLI

@@ -326,6 +326,12 @@ def test_the_teacher_cache_is_reused_only_for_the_same_teacher_and_texts(env):
     (["--student", "tiny", "--augment", "-1"], "--augment must be >= 0"),
     (["--student", "tiny", "--eval-every", "-1"], "--eval-every must be >= 0"),
     (["--student", "tiny", "--hidden-weight", "1", "--teacher-cache", "x"], "nothing to cache"),
+    (["--student", "tiny", "--epochs", "0"], "need --epochs > 0"),
+    (["--student", "tiny", "--max-steps", "-1"], "--max-steps >= 0"),
+    (["--student", "tiny", "--eval-batch-size", "0"], "--eval-batch-size >= 1"),
+    (["--student", "tiny", "--lr", "-1"], "need --lr > 0"),
+    (["--student", "tiny", "--warmup", "2"], "--warmup in [0, 1]"),
+    (["--student", "tiny", "--max-len", "1"], "--max-len 1: a row needs [CLS], [SEP]"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     argv = ["--teacher", env["teacher"], "--train", env["train"], "--out", str(env["dir"] / "bad"), "--threads", "1",

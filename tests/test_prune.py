@@ -261,6 +261,7 @@ def test_the_curve_scores_each_kind_of_pruning_and_agrees_with_the_saved_model(e
     ([], "nothing to do"),
     (["--curve", "0,0.5"], "--curve evaluates on --dev"),
     (["--heads", "0.5", "--resume"], "--resume"),
+    (["--heads", "0.5", "--max-len", "2"], "--max-len 2: a row needs [CLS], [SEP]"),
 ])
 def test_bad_options_are_one_line_errors(env, capsys, extra, words):
     assert cli(env, "bad", *extra) == 1

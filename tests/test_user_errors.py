@@ -207,6 +207,7 @@ BAD_FLAGS = [
     (["--batch-size", "eight"], "--batch-size: invalid int value"),
     (["--resume"], "holds no run (no train_state.pt) to continue"),
     (["--overwrite", "--resume"], "exclude each other"),
+    (["--from-scratch", "--preset", "huge"], "invalid choice: 'huge'"),
 ]
 
 
@@ -258,6 +259,44 @@ def test_predict_mistakes_are_one_line(env, capsys, tmp_path):
         assert expected in one_line_error(capsys, predict.main, argv, "python -m minibert.predict")
     assert predict.main(["--model", done, "a good film"]) == 0  # the README's call on a run folder
     assert capsys.readouterr().out.split("\t")[0] in ("neg", "pos")
+
+
+def test_a_damaged_classifier_folder_is_one_line_naming_the_file(env, capsys, tmp_path):
+    # predict, prune and distill's teacher all load through Classifier: each way a model folder can
+    # be damaged by hand is one line that names the file, never a traceback or a wrong prediction
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(env["dir"] / "done" / "model", folder)
+        change(folder)
+        return str(folder)
+
+    def edit_config(folder, fn):
+        cfg = json.loads((folder / "config.json").read_text())
+        fn(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+
+    def cut_id2label(c):
+        c["id2label"] = {"0": c["id2label"]["0"]}
+        c.pop("label2id", None)
+
+    def no_tokenizer(f):
+        for n in ("tokenizer.json", "vocab.txt"):
+            (f / n).unlink(missing_ok=True)
+
+    cases = [
+        (damaged("badjson", lambda f: (f / "config.json").write_text('{"hidden_size": 32,')), "not valid JSON"),
+        (damaged("list", lambda f: edit_config(f, lambda c: c.update(id2label=["neg", "pos"]))),
+         "id2label is not a mapping of class ids to labels"),
+        (damaged("cut", lambda f: edit_config(f, cut_id2label)),
+         "id2label names 1 label(s), but the classifier head has 2 outputs"),
+        (damaged("notok", no_tokenizer), "no tokenizer.json or vocab.txt"),
+    ]
+    for folder, expected in cases:
+        msg = one_line_error(capsys, predict.main, ["--model", folder, "great"], "python -m minibert.predict")
+        assert expected in msg and folder in msg, msg
+    # and a model folder without its tokenizer is one line for finetune --init too
+    msg = one_line_error(capsys, finetune.main, ft_argv(env, tmp_path / "ft", init=cases[-1][0]))
+    assert "no tokenizer.json or vocab.txt" in msg, msg
 
 
 # ----------------------------------------------------------------------------- 4. writes lose nothing
