@@ -49,7 +49,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text
+from .checkpoint import CheckpointError, atomic_torch_save, atomic_write, atomic_write_text, resolve_model_dir
 from .tabular import DataError
 from .text import CorpusError
 from .tokenizer import TokenizerFileError
@@ -546,6 +546,25 @@ def load_train_state(path: PathLike) -> dict:
         raise CheckpointError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
 
 
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal, or two spellings of one existing path (pt, ./pt, /abs/pt; a run folder and its model/),
+    element by element for lists."""
+    if a == b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if not (isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists()):
+        return False
+
+    def where(p: str) -> Path:
+        try:
+            return resolve_model_dir(p).resolve()
+        except CheckpointError:  # a data file, or a folder that holds no model
+            return Path(p).resolve()
+
+    return where(a) == where(b)
+
+
 def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any],
                  keys: Union[Iterable[str], Mapping[str, str]]) -> None:
     """Raise a UserError listing every key whose saved value differs from now's: resuming with other
@@ -553,7 +572,7 @@ def check_resume(saved: Mapping[str, Any], now: Mapping[str, Any],
     fields (shown as --flags) or {key: how to show it}."""
     labels = keys if isinstance(keys, Mapping) else {k: "--" + k.replace("_", "-") for k in keys}
     diff = [f"{label}: saved {saved.get(k)!r}, now {now.get(k)!r}"
-            for k, label in labels.items() if saved.get(k) != now.get(k)]
+            for k, label in labels.items() if not _same_setting(saved.get(k), now.get(k))]
     if diff:
         raise UserError(f"--resume: the run was started with other settings ({'; '.join(diff)}); "
                         f"resume with the saved settings, or start a new run with --overwrite")

@@ -307,6 +307,21 @@ def test_check_resume_passes_when_nothing_changed_and_lists_every_change_in_one_
     assert "--seed" not in msg and "\n" not in msg
 
 
+def test_check_resume_takes_two_spellings_of_one_path_as_the_same_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_model_folder(tmp_path / "run" / "model")
+    (tmp_path / "train.tsv").write_text("x\t1\n")
+    (tmp_path / "other.tsv").write_text("x\t1\n")
+    saved = {"init": "run", "train": "train.tsv", "corpus": ["train.tsv"]}
+    for init, train in [(str(tmp_path / "run"), "./train.tsv"), ("run/", str(tmp_path / "train.tsv")),
+                        ("run/model", "train.tsv")]:
+        T.check_resume(saved, {"init": init, "train": train, "corpus": [train]}, ["init", "train", "corpus"])
+    # another file, or a path that does not exist, is still another setting
+    for now in [{"train": "other.tsv"}, {"train": "gone.tsv"}, {"corpus": ["train.tsv", "other.tsv"]}]:
+        with pytest.raises(T.UserError, match="the run was started with other settings"):
+            T.check_resume(saved, {**saved, **now}, ["init", "train", "corpus"])
+
+
 def test_load_train_state_names_a_missing_or_corrupt_file(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         T.load_train_state(tmp_path / "train_state.pt")
