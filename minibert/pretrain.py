@@ -762,6 +762,9 @@ def eval_saved(cfg: PretrainConfig) -> dict:
     folder = resolve_model_dir(cfg.out)
     device = pick_device(cfg.device)
     model = BertForPreTraining.from_pretrained(folder).to(device)
+    if any(n.startswith("mlm.") for n in model.load_report["initialised"]):  # a fine-tuned classifier, say
+        raise UserError(f"--eval-only --out {cfg.out}: the checkpoint has no masked-LM head (cls.predictions.*), "
+                        f"so there is nothing to score; give a pretraining run or a BertForMaskedLM folder")
     data = prepare_data(cfg, Tokenizer.from_file(folder))
     res = {"step": "saved", **evaluate(model, data.eval_batches, data.baseline_id, device)}
     print(format_eval(res))

@@ -46,6 +46,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -354,6 +355,11 @@ def _read_table(
 
     roles = (("text", text_index), ("text pair", pair_index), ("label", label_index))
     needed = [(role, index) for role, index in roles if index is not None]
+    # one column in two roles (a label column named like the text) would train on the text as its
+    # own label, one class per row, without a word
+    for (role_a, a), (role_b, b) in itertools.combinations(needed, 2):
+        if a == b:
+            raise ValueError(f"the {role_a} and the {role_b} are both {describe(a)}; give each its own column")
     # A row with more fields than the header (or than most rows, without one) most often holds
     # the separator inside its text (TSV has no quoting), and then every field after it, the
     # label included, comes from the wrong place: reading it would train on a wrong label or a

@@ -184,6 +184,22 @@ def test_output_folder_loads_and_scores_as_at_the_end_of_training(setup, referen
     assert (reference / "curves.png").stat().st_size > 1000
 
 
+def test_eval_only_scores_the_saved_run_and_refuses_a_folder_without_a_masked_lm_head(setup, reference, capsys,
+                                                                                    tmp_path):
+    final = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()][-1]
+    capsys.readouterr()
+    assert inprocess(setup, reference, "--eval-only") == 0
+    out = capsys.readouterr().out
+    assert f"MLM acc {final['mlm_acc']:.3f}" in out and f"held-out MLM loss {final['mlm_loss']:.4f}" in out
+    # a classifier fine-tuned from it has no MLM head: scoring one drawn at random would mean nothing
+    from minibert import BertForSequenceClassification
+    clf = BertForSequenceClassification.from_pretrained(reference, num_labels=2)
+    clf.save_pretrained(tmp_path / "clf", tokenizer=pretrain.Tokenizer.from_file(reference / "model"))
+    capsys.readouterr()
+    assert inprocess(setup, tmp_path / "clf", "--eval-only") == 1
+    assert "the checkpoint has no masked-LM head" in capsys.readouterr().err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

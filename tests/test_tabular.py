@@ -479,3 +479,13 @@ def test_sst2_test_tsv() -> None:
     assert [int(label) for _, label in rows] == ids
     assert [text for text, _ in rows] == data.texts
     assert os.fspath(SST2_TEST) == data.path
+
+
+@pytest.mark.parametrize("cols", [dict(text_col="sentence", label_col="sentence"), dict(label_col=0),
+                                  dict(text_col=1, text_pair_col=1)])
+def test_one_column_in_two_roles_is_an_error(tmp_path, cols):
+    # --label-col naming the text column trained one class per row without a word
+    f = tmp_path / "d.tsv"
+    f.write_text("sentence\tlabel\na good film\t1\na bad film\t0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="are both column"):
+        read_labeled(f, **cols)
