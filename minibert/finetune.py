@@ -365,6 +365,11 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
         model = strategy.model_class(config)
         src = None  # nothing pretrained to start from (bidirectional's M_pre copies the random encoder)
     else:
+        init_labels = _classifier_outputs(src)
+        if init_labels is not None and init_labels != label_map.num_labels:
+            raise UserError(f"--init {cfg.init}: a classifier fine-tuned for {init_labels} output(s), and "
+                            f"{train.path} has {label_map.num_labels}; start from the pretrained model it was "
+                            f"fine-tuned from (its head cannot take another number of classes)")
         model = strategy.model_class.from_pretrained(src, **overrides)
         notes["initialised"] = model.load_report["initialised"]
     tok.model_max_length = cfg.max_len  # saved with the tokenizer, so predict truncates the same way
@@ -376,6 +381,15 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
     learner.notes.update(trainable_parameters=n_train, parameters=n_all)
     log(f"strategy {cfg.strategy}: {n_train:,} of {n_all:,} parameters trainable")
     return learner
+
+
+def _classifier_outputs(folder: Path) -> Optional[int]:
+    """The number of outputs of the folder's trained sequence-classifier head, None without one."""
+    try:
+        shape = checkpoint.read_safetensors_header(folder / "model.safetensors").get("classifier.weight")
+    except (OSError, ValueError):  # no safetensors file, or a damaged one: from_pretrained reports it
+        return None
+    return shape[0] if shape else None
 
 
 def read_config(folder: Path, **overrides) -> BertConfig:

@@ -415,6 +415,16 @@ def corrupt(src: Path, dst: Path, how: str) -> str:
     return str(dst)
 
 
+def test_a_classifier_init_with_another_number_of_classes_names_the_cause(env, capsys, tmp_path):
+    # the 2-class run fine-tuned again on 3 classes: its head cannot take them; the message used to
+    # ask whether config.json belonged to the weights
+    three = tsv(tmp_path / "three.tsv", [(t, ["neg", "pos", "mixed"][i % 3]) for i, (t, _) in enumerate(rows(12, 4))])
+    msg = one_line_error(capsys, finetune.main, ft_argv(env, tmp_path / "again", train=three,
+                                                        init=str(env["dir"] / "done")))
+    assert "a classifier fine-tuned for 2 output(s)" in msg and "has 3" in msg, msg
+    assert finetune.main(ft_argv(env, tmp_path / "same", init=str(env["dir"] / "done"))) == 0  # 2 classes again: fine
+
+
 @pytest.mark.parametrize("how,expected", [("truncated weights", "model.safetensors: tensor"),
                                           ("a string size", "config.json: hidden_size = '32'"),
                                           ("absurd size", "config.json: num_hidden_layers"),
