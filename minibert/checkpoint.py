@@ -90,8 +90,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise cannot_write(path, e) from None
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if type(e).__name__ == "SafetensorError" and "IoError" in str(e):  # safetensors' own word for a failed
+            raise CheckpointError(f"cannot write {path}: {e}") from None  # write: a full disk, a lost mount
         raise
 
 

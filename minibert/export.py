@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -106,6 +107,12 @@ class ExportConfig:
                             f"ending in .{self.format}")
         if Path(self.out).exists() and not self.overwrite:
             raise UserError(f"--out {self.out}: the file exists; pass --overwrite to replace it")
+        try:  # a read-only folder fails here, in one line, not after the export's minutes of work
+            fd, probe = tempfile.mkstemp(prefix=".minibert-write-check-", dir=Path(self.out).parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write in {Path(self.out).parent} ({e.strerror or e})") from None
 
 
 class GraphForward(nn.Module):

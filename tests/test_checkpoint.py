@@ -325,6 +325,24 @@ def test_a_disk_full_save_leaves_the_old_model_folder(tmp_path, monkeypatch, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_safetensors_own_error_for_a_full_disk_is_cannot_write_too(tmp_path, monkeypatch, tiny_config):
+    # what safetensors really raises when the disk fills: its own SafetensorError, not an OSError
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    BertModel(tiny_config()).save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=rf"^cannot write {tmp_path}/m/model.safetensors: .*No space left"):
+        BertModel(tiny_config()).save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 def test_a_read_only_folder_says_cannot_write(tmp_path, monkeypatch, tiny_config):
     ro = tmp_path / "ro"
     ro.mkdir()

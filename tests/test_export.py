@@ -12,6 +12,7 @@ matmuls are integer ones.
 import json
 import subprocess
 import sys
+import os
 from pathlib import Path
 
 import numpy as np
@@ -341,3 +342,16 @@ def test_a_calibration_file_that_is_not_utf8_names_the_flag_that_reads_it(classi
     assert export_main(argv) == 1
     err = capsys.readouterr().err
     assert "--errors replace" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "x.pt2").exists()
+
+
+def test_a_folder_it_cannot_write_is_one_line_before_any_export(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert export_main(["--model", str(MINILM), "--out", str(tmp_path / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write in {tmp_path} (Read-only file system)" in err and len(err.strip().splitlines()) == 1
