@@ -393,6 +393,8 @@ class BenchConfig:
         if min(self.steps, self.batch_size, self.seq_len, self.latency_steps) < 1 or self.warmup < 0:
             raise UserError("--steps, --latency-steps, --batch-size and --seq-len must be positive, --warmup at "
                             "least 0")
+        if not self.model and self.seq_len > BertConfig.max_position:
+            raise UserError(f"--seq-len {self.seq_len}: a preset's position table has {BertConfig.max_position} rows")
         if self.deploy:
             if self.model is None:
                 raise UserError("--deploy needs --model (a model folder)")

@@ -268,6 +268,8 @@ class PretrainConfig(RunOptions):
              f"got {self.warmup}, {self.weight_decay}, {self.clip}"),
             (self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (not (self.init and self.tokenizer), "--init brings its own tokenizer: drop --tokenizer"),
+            (not self.cache_dir or not Path(self.cache_dir).exists() or Path(self.cache_dir).is_dir(),
+             f"--cache-dir {self.cache_dir}: a file, not a folder"),
         ]
         for ok, msg in checks:
             if not ok:

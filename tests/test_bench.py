@@ -184,6 +184,8 @@ def test_bench_command_errors_are_one_line_and_exit_1(capsys):
                                        "minibert: it needs --compile and --compare-hf\n")
     assert main(["--device", "cpu", "--precision", "fp16"]) == 1
     assert "fp16 is for GPUs" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--seq-len", "513"]) == 1  # was an error from inside the model
+    assert "--seq-len 513: a preset's position table has 512 rows" in capsys.readouterr().err
 
 
 # -- the deployment table (--deploy) -----------------------------------------------------------------

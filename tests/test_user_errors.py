@@ -220,6 +220,7 @@ def test_a_bad_finetune_flag_is_one_line_before_the_data_is_read(env, capsys, tm
 
 
 PT_BAD = [
+    (["--cache-dir", __file__], f"--cache-dir {__file__}: a file, not a folder"),
     (["--lr", "-1"], "--lr must be >= 0"),
     (["--clip", "-1"], "--clip must be >= 0"),
     (["--batch-size", "0"], "must be positive; got --batch-size 0"),
