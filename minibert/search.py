@@ -27,9 +27,12 @@ from .toolkit import UserError, cli_main, pick_device, prepare_output
 
 def _values(flag: str, spec: str, kind: type) -> list:
     try:
-        return [kind(x) for x in spec.split(",")]
+        values = [kind(x) for x in spec.split(",")]
     except ValueError:
         raise UserError(f"{flag} must be a comma list of numbers, got {spec!r}") from None
+    if not all(v > 0 for v in values):  # else the trial's own check would name --lr, not this flag
+        raise UserError(f"{flag} must be a comma list of positive numbers, got {spec!r}")
+    return values
 
 
 def search(cfg: FinetuneConfig, log=print) -> dict:

@@ -158,7 +158,7 @@ def read_labeled(
         if extension not in _EXTENSIONS:
             raise ValueError(
                 f"{path}: cannot tell the format from the extension {extension!r}; "
-                f"pass fmt='tsv', 'csv' or 'jsonl'"
+                f"name it .tsv, .csv or .jsonl (in Python: pass fmt='tsv', 'csv' or 'jsonl')"
             )
         fmt = _EXTENSIONS[extension]
     if fmt not in ("tsv", "csv", "jsonl"):

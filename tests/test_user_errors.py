@@ -208,6 +208,8 @@ BAD_FLAGS = [
     (["--resume"], "holds no run (no train_state.pt) to continue"),
     (["--overwrite", "--resume"], "exclude each other"),
     (["--from-scratch", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["--search", "grid", "--dev", __file__, "--search-lr", "1e-3,-1"],
+     "--search-lr must be a comma list of positive numbers"),
 ]
 
 
