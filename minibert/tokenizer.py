@@ -84,8 +84,11 @@ class Tokenizer:
         with open(vocab_file, encoding="utf-8") as f:
             for i, line in enumerate(f):
                 tok = line.rstrip("\n")
-                if tok in vocab:  # some published vocabularies repeat a token; the first id wins
-                    continue
+                if tok in vocab:
+                    # some published vocabularies repeat a token: the first id wins, and the repeat's
+                    # id keeps a placeholder no text can produce (the pre-tokenizer splits at "["),
+                    # so the ids stay the line numbers and vocab_size covers them all
+                    tok = f"[repeat-of-line-{vocab[tok] + 1}-at-{i + 1}]"
                 vocab[tok] = i
         if not vocab:
             raise ValueError(f"{vocab_file}: empty vocabulary")

@@ -338,3 +338,19 @@ def test_real_corpus_sentence_counts(name: str, n_docs: int, n_sentences: int) -
     # measured when the rules were last tuned; allow small deliberate changes, catch big ones
     assert abs(len(sentences) - n_sentences) <= n_sentences // 100
     assert all(s and s == " ".join(s.split()) for s in sentences)
+
+
+def test_a_vocabulary_that_repeats_a_token_keeps_every_line_its_id(tmp_path: Path) -> None:
+    # the first id wins for the text; the repeat's line keeps its id under a placeholder, so the
+    # ids are the line numbers, the vocabulary size covers them all, and a save reloads to the same ids
+    from minibert import Tokenizer
+
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "the", "was", "good"]
+    (tmp_path / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = Tokenizer.from_file(tmp_path / "vocab.txt")
+    assert tok.vocab_size == len(lines) == 10
+    assert tok(["the film was good"])["input_ids"][0].tolist() == [2, 5, 6, 8, 9, 3]
+    tok.save(tmp_path / "saved")
+    again = Tokenizer.from_file(tmp_path / "saved")
+    assert again.vocab_size == 10 and again(["the film was good"])["input_ids"][0].tolist() == [2, 5, 6, 8, 9, 3]
+    assert again(["[repeat-of-line-6-at-8]"])["input_ids"][0].tolist().count(7) == 0  # no text reaches id 7
