@@ -34,7 +34,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -116,6 +116,14 @@ def atomic_torch_save(obj, path: PathLike) -> None:
 
 # -----------------------------------------------------------------------------
 # Folders
+
+
+def read_json(path: Path) -> Any:
+    """A model folder's JSON file (config.json, prompt.json); invalid JSON is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def resolve_model_dir(path: PathLike) -> Path:
@@ -573,11 +581,7 @@ class PretrainedMixin:
         run (the config's defaults when None); config_overrides change fields (num_labels=3)."""
         folder = resolve_model_dir(folder)
         cfg_path = folder / "config.json"
-        try:
-            hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-        kw = config_from_hf(hf_cfg, cfg_path)
+        kw = config_from_hf(read_json(cfg_path), cfg_path)
         check_tokenizer_fits(folder, kw["vocab_size"])
         run = {k: v for k, v in (("attn_impl", attn_impl), ("fused_kernels", fused_kernels)) if v is not None}
         try:

@@ -385,12 +385,10 @@ def cached_logits(path: Path, key: str, compute, log) -> Tensor:
     if path.exists():
         try:
             with safe_open(str(path), "pt") as f:
-                found = (f.metadata() or {}).get("key")
-                if found is not None and "logits" in f.keys():
-                    if found == key:
-                        log(f"teacher logits read from {path}")
-                        return f.get_tensor("logits")
-                    found = "other"
+                found = (f.metadata() or {}).get("key") if "logits" in f.keys() else None
+                if found == key:
+                    log(f"teacher logits read from {path}")
+                    return f.get_tensor("logits")
         except Exception:  # safetensors raises its own error types for a file it cannot parse
             found = None
         if found is None:
@@ -398,10 +396,7 @@ def cached_logits(path: Path, key: str, compute, log) -> Tensor:
                             "wrote; give a new file name (or delete the file, if it is a cache cut short)")
         log(f"--teacher-cache {path}: made for another teacher, transfer set or precision; recomputing")
     logits = compute().float().contiguous()
-    try:
-        atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata={"key": key}))
-    except OSError as e:
-        raise UserError(f"--teacher-cache {path}: cannot write it ({e.strerror or e})") from None
+    atomic_write(path, lambda tmp: save_file({"logits": logits}, tmp, metadata={"key": key}))  # "cannot write"
     log(f"teacher logits written to {path}")
     return logits
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from torch import Tensor, nn
 from .checkpoint import atomic_write, resolve_model_dir
 from .model import BertForSequenceClassification, BertModel
 from .tabular import ERRORS_HELP
-from .toolkit import UserError, cli_main, field
+from .toolkit import UserError, cli_main, field, probe_write
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # what each task exports: the model class, and the name of the graph's one output
@@ -108,9 +107,7 @@ class ExportConfig:
         if Path(self.out).exists() and not self.overwrite:
             raise UserError(f"--out {self.out}: the file exists; pass --overwrite to replace it")
         try:  # a read-only folder fails here, in one line, not after the export's minutes of work
-            fd, probe = tempfile.mkstemp(prefix=".minibert-write-check-", dir=Path(self.out).parent)
-            os.close(fd)
-            os.unlink(probe)
+            probe_write(Path(self.out).parent)
         except OSError as e:
             raise UserError(f"--out {self.out}: cannot write in {Path(self.out).parent} ({e.strerror or e})") from None
 

@@ -13,7 +13,6 @@ prompt.json was trained with `--strategy prompt` and is read through its masked-
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, resolve_model_dir
+from .checkpoint import CheckpointError, read_json, resolve_model_dir
 from .model import BertForMaskedLM, BertForSequenceClassification
 from .strategies import PackedInputs, PlainInputs, Prompt  # noqa: F401 (PackedInputs: predict's inputs, re-exported)
 from .tabular import ERRORS_HELP, LabelMap, NotUtf8Error, read_labeled
@@ -58,10 +57,7 @@ def score_items(model, inputs, items: Sequence, batch_size: int, device: torch.d
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: holds a {type(d).__name__}, not a JSON object")
     return d

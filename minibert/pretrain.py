@@ -334,7 +334,7 @@ def prepare_data(cfg: PretrainConfig, tok: Optional[Tokenizer], log=print) -> Da
                "separated by blank lines): give documents of several sentences, or pretrain without NSP "
                "(--no-nsp)") if nsp else ""
         raise pd.CorpusError(f"no training instances: none of the {len(train_docs):,} training documents has "
-                          f"{'two sentences' if nsp else 'any text'}{why}")
+                             f"{'two sentences' if nsp else 'any text'}{why}")
     collate = pd.Collator(cache, vocab, cfg.seed, cfg.mlm_prob, cfg.whole_word_mask, nsp,
                           pack_len=cfg.seq_len if cfg.pack else None)
     insts, keys = pd.eval_instances(cache, eval_docs, train_docs, cfg.seq_len, nsp, cfg.eval_size)

@@ -34,9 +34,6 @@ class TokenizerFileError(FileNotFoundError):
     """A tokenizer file, or a folder without one: the user's mistake, shown by every command as one
     line (toolkit.USER_ERRORS); still a FileNotFoundError for callers that catch OSError."""
 
-    def __str__(self) -> str:
-        return str(self.args[0])
-
 
 def _pipeline(model: models.Model, lowercase: bool) -> _RustTokenizer:
     tok = _RustTokenizer(model)

@@ -459,6 +459,13 @@ def _is_within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def probe_write(folder: Path) -> None:
+    """Create and remove a file in folder: an OSError (read-only, no permission) before any work."""
+    fd, probe = tempfile.mkstemp(prefix=".minibert-write-check-", dir=folder)  # not a .*.tmp-* leftover name
+    os.close(fd)
+    os.unlink(probe)
+
+
 def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
                    inputs: Union[Iterable[Optional[PathLike]], Mapping[str, Any]] = ()) -> Path:
     """The output-folder policy, applied before any data preparation; returns the folder.
@@ -502,9 +509,7 @@ def prepare_output(out: PathLike, *, overwrite: bool, resume: bool,
                         f"use --resume to continue it, --overwrite to replace it, or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".minibert-write-check-", dir=out)  # not a .*.tmp-* name: see below
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(out)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e} (choose a writable --out)") from None
     # A kill between save_pretrained's two renames leaves model/ (or best/) absent and the previous folder
