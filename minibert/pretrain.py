@@ -716,6 +716,10 @@ def train_step(run: Run, cfg: PretrainConfig, stop_requested: bool) -> tuple[dic
 
 def train_loop(run: Run, cfg: PretrainConfig, log) -> dict:
     res = {}
+    if run.finished(cfg):  # --resume of a run that had reached its end: say so rather than exit in silence
+        log(f"done already: the run in {run.out} had finished at step {run.step}; its model is in "
+            f"{run.out / 'model'} (to train it further, start a new run from it with --init)")
+        return res
     total = None if cfg.time_budget else cfg.max_steps
     bar = tqdm(total=total, initial=run.step, disable=not (run.dist.main and cfg.progress), dynamic_ncols=True,
                mininterval=1.0)

@@ -383,6 +383,15 @@ def test_resume_refuses_other_settings_and_missing_state(setup, reference, capsy
     assert "--lr: saved 0.002, now 0.0001" in capsys.readouterr().err
 
 
+def test_resume_of_a_finished_run_says_it_is_done_and_changes_nothing(setup, reference, capsys):
+    before = weights(reference)
+    assert pretrain.main(setup["args"] + ["--out", str(reference), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"done already: the run in {reference} had finished at step {STEPS}" in out and "--init" in out
+    after = weights(reference)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_second_run_into_a_finished_run_fails_before_any_work(setup, reference, capsys):
     before = weights(reference)
     assert inprocess(setup, reference) == 1
