@@ -30,6 +30,7 @@ The fast attention backends live in minibert/kernels/attention.py, a table by na
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -266,6 +267,17 @@ def build_attention_mask(
     return AttentionMask(prepared=None if ids is None else from_ids(ids))
 
 
+def linear(n_in: int, n_out: int) -> nn.Linear:
+    """nn.Linear(n_in, n_out). A layer whose heads or neurons were all pruned has one with no rows
+    or no columns, and torch's default initialisation warns that it has nothing to do each time such
+    a model is built; the warning is kept quiet for those only (a layer without inputs gets a zero bias)."""
+    if n_in and n_out:
+        return nn.Linear(n_in, n_out)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        return nn.Linear(n_in, n_out)
+
+
 class MultiHeadAttention(nn.Module):
     """MultiHead(Q, K, V) = Concat(head_1..head_nh) W_o,  head_i = softmax(Q_i K_i^T / sqrt(hs)) V_i."""
 
@@ -274,10 +286,10 @@ class MultiHeadAttention(nn.Module):
         H = cfg.hidden_size
         self.nh, self.hs = cfg.layer_heads(layer), cfg.head_size  # nh * hs = H unless heads were pruned
         A = self.nh * self.hs
-        self.q = nn.Linear(H, A)
-        self.k = nn.Linear(H, A)
-        self.v = nn.Linear(H, A)
-        self.o = nn.Linear(A, H)
+        self.q = linear(H, A)
+        self.k = linear(H, A)
+        self.v = linear(H, A)
+        self.o = linear(A, H)
         self.attention_dropout = cfg.attention_dropout
         self.attn_impl = cfg.attn_impl  # how to run; switched by set_backend
 
@@ -328,8 +340,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: BertConfig, layer: int = 0):
         super().__init__()
         I = cfg.layer_intermediate(layer)  # noqa: E741
-        self.up = nn.Linear(cfg.hidden_size, I)
-        self.down = nn.Linear(I, cfg.hidden_size)
+        self.up = linear(cfg.hidden_size, I)
+        self.down = linear(I, cfg.hidden_size)
         self.fused_kernels = cfg.fused_kernels  # how to run; switched by set_backend
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import copy
 import json
 import random
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -172,6 +173,22 @@ def test_a_pruned_folder_reloads_with_the_same_outputs_and_plain_configs_are_unc
     assert torch.equal(logits(again, b), logits(model, b))
     plain = config_to_hf(BertConfig())
     assert set(plain["minibert"]) == {"position_embedding", "norm_position"}
+
+
+def test_a_layer_pruned_to_nothing_reloads_without_warnings_and_to_the_same_outputs(env, tmp_path):
+    # global pruning may take every head or neuron of a layer; torch's default init used to warn
+    # "Initializing zero-element tensors is a no-op" at every later load of such a folder
+    model = BertForSequenceClassification.from_pretrained(env["clf"])
+    prune.prune_heads(model.bert, {0: [0, 1, 2, 3]})
+    prune.prune_neurons(model.bert, {1: list(range(I))})
+    model.save_pretrained(tmp_path / "p", tokenizer=env["tok"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = BertForSequenceClassification.from_pretrained(tmp_path / "p")
+    assert again.config.heads_per_layer == [0, NH] and again.config.intermediate_per_layer == [I, 0]
+    assert torch.equal(again.bert.encoder.layers[0].attn.o.bias, model.bert.encoder.layers[0].attn.o.bias)
+    b = batch_of(env)
+    assert torch.equal(logits(again, b), logits(model, b))
 
 
 def test_a_bad_per_layer_count_in_config_json_is_one_error_naming_the_field(env, tmp_path):
