@@ -354,7 +354,8 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "train.txt").write_text("\n".join(train.texts + (train.pairs or [])), encoding="utf-8")
             tok = Tokenizer.train([Path(d) / "train.txt"], vocab_size=cfg.vocab_size)
-        log(f"trained a {tok.vocab_size}-token WordPiece vocabulary on {train.path}")
+        log(f"trained a {tok.vocab_size}-token WordPiece vocabulary on {train.path}"
+            + Tokenizer.size_note(cfg.vocab_size, tok.vocab_size))
     if cfg.from_scratch:
         if src is not None:  # P's architecture and vocabulary, none of its weights
             config = read_config(src, **overrides)

@@ -165,7 +165,8 @@ def get_tokenizer(
         _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"tokenizer: trained a WordPiece vocabulary of {tok.vocab_size} in {time.time() - t0:.1f}s -> {folder}")
+    log(f"tokenizer: trained a WordPiece vocabulary of {tok.vocab_size} in {time.time() - t0:.1f}s -> {folder}"
+        + Tokenizer.size_note(vocab_size, tok.vocab_size))
     return Tokenizer.from_file(folder)
 
 

@@ -170,6 +170,16 @@ class Tokenizer:
         vocab = tok.get_vocab(with_added_tokens=False)
         return cls(_pipeline(_wordpiece(vocab), lowercase), lowercase)
 
+    @staticmethod
+    def size_note(asked: int, got: int) -> str:
+        """Why a trained vocabulary is not the size asked for ("" when it is), for the log line."""
+        if got > asked:
+            return (f" (asked for {asked}: the specials and every character of the text need a piece of their own, "
+                    f"so {got} is the smallest vocabulary for it)")
+        if got < asked:
+            return f" (asked for {asked}: no more pieces occur at least twice in the text)"
+        return ""
+
     def save(self, folder: Union[str, os.PathLike]) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
         from .checkpoint import atomic_write, atomic_write_text

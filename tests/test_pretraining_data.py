@@ -345,6 +345,26 @@ def test_trained_tokenizer_is_cached(tmp_path):
     assert "reusing" in msgs[0] and t1.vocab_size == t2.vocab_size
 
 
+def test_a_vocabulary_of_another_size_than_asked_says_why(tmp_path):
+    # --vocab-size 3 cannot be honoured: the five specials and every character (alone, and as a
+    # "##c" piece where it occurs inside a word) need ids; the log line says so instead of quietly
+    # giving another size
+    path = tmp_path / "c.txt"
+    path.write_text("The cat sat on the mat.\n\nThe dog sat on the log.\n", encoding="utf-8")
+    msgs = []
+    tok = pd.get_tokenizer(None, [path], 3, tmp_path / "cache", log=msgs.append)
+    words = "the cat sat on mat . dog log".split()
+    smallest = 5 + len(set("".join(words))) + len({c for w in words for c in w[1:]})
+    assert tok.vocab_size == smallest == 25
+    assert f"vocabulary of {smallest}" in msgs[-1] and "asked for 3" in msgs[-1] and "smallest" in msgs[-1]
+    msgs.clear()
+    pd.get_tokenizer(None, [path], 4000, tmp_path / "cache", log=msgs.append)
+    assert "asked for 4000: no more pieces occur at least twice" in msgs[-1]
+    msgs.clear()
+    pd.get_tokenizer(None, [path], smallest, tmp_path / "cache", log=msgs.append)
+    assert "asked" not in msgs[-1]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
