@@ -464,6 +464,11 @@ def _read_jsonl(
         raise DataError(path, first_line, f"no text key: none of {list(TEXT_NAMES)} in {keys}; pass text_col")
     pair_key = text_pair_col if text_pair_col is not None else _default_key(keys, PAIR_NAMES)
     label_key = label_col if label_col is not None else _default_key(keys, LABEL_NAMES)
+    roles = [(role, key) for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key))
+             if key is not None]
+    for (role_a, a), (role_b, b) in itertools.combinations(roles, 2):  # as in _read_table: one key, one role
+        if a == b:
+            raise ValueError(f"the {role_a} and the {role_b} are both key {a!r}; give each its own key")
 
     def parse(line: int, record: dict[str, Any]) -> tuple[str, str | None, RawLabel]:
         for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key)):

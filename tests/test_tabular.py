@@ -489,3 +489,14 @@ def test_one_column_in_two_roles_is_an_error(tmp_path, cols):
     f.write_text("sentence\tlabel\na good film\t1\na bad film\t0\n", encoding="utf-8")
     with pytest.raises(ValueError, match="are both column"):
         read_labeled(f, **cols)
+
+
+@pytest.mark.parametrize("cols", [dict(label_col="text"), dict(text_col="label"), dict(text_pair_col="text"),
+                                  dict(text_col="b", text_pair_col="b")])
+def test_one_jsonl_key_in_two_roles_is_an_error(tmp_path, cols):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a good film", "b": "x", "label": 1}\n{"text": "a bad film", "b": "y", "label": 0}\n',
+                 encoding="utf-8")
+    with pytest.raises(ValueError, match="are both key"):
+        read_labeled(f, **cols)
+    assert read_labeled(f, text_pair_col="b").pairs == ["x", "y"]
