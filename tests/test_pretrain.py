@@ -618,6 +618,12 @@ def test_recipe_fills_only_the_flags_left_unset():
             PretrainConfig(time_budget=60, dropout=0.0).dropout) == (0.0, None, 0.0)
     assert (PretrainConfig(recipe="bert", time_budget=60).preset, PretrainConfig(init="runs/p", time_budget=60).lr) \
         == ("tiny", 5e-4)
+    # weight decay: 0.1 for the budget recipe wider than tiny from random weights (twenty-seventh
+    # round), else BERT's 0.01; --weight-decay wins, and the resolved value is what --resume compares
+    assert (cfg.weight_decay, hour.weight_decay, PretrainConfig(preset="small").weight_decay) == (0.01, 0.1, 0.1)
+    assert (PretrainConfig(init="runs/p", time_budget=60).weight_decay,
+            PretrainConfig(recipe="bert", preset="mini").weight_decay,
+            PretrainConfig(time_budget=60, weight_decay=0.01).weight_decay) == (0.01, 0.01, 0.01)
     assert PretrainConfig(**asdict(hour)) == hour
     assert all(p.exists() for p in DEFAULT_CORPUS)
 
