@@ -79,8 +79,8 @@ from .strategies import PackedInputs, PlainInputs
 from .tabular import ERRORS_HELP
 from .tokenizer import Tokenizer
 from .toolkit import (
-    KeepBest, MetricsLog, RunOptions, UserError, autocast, cli_main, field, grad_scaler, optimizer_step, pick_device,
-    plot_curves, prepare_output, resolve_precision, seed_everything, set_threads,
+    KeepBest, MetricsLog, RunOptions, UserError, autocast, check_max_len, cli_main, field, grad_scaler, optimizer_step,
+    pick_device, plot_curves, prepare_output, resolve_precision, seed_everything, set_threads,
 )
 
 
@@ -357,8 +357,7 @@ def check_config(cfg: DistillConfig) -> None:
     if not (cfg.lr > 0 and 0 <= cfg.warmup <= 1 and cfg.clip >= 0 and cfg.weight_decay >= 0):
         raise UserError(f"need --lr > 0, --warmup in [0, 1] (a fraction of the steps), --clip >= 0 and "
                         f"--weight-decay >= 0; got {cfg.lr:g}, {cfg.warmup:g}, {cfg.clip:g}, {cfg.weight_decay:g}")
-    if cfg.max_len is not None and cfg.max_len < 3:
-        raise UserError(f"--max-len {cfg.max_len}: a row needs [CLS], [SEP] and at least one token (>= 3)")
+    check_max_len(cfg.max_len)
     if cfg.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0 (0: after each pass), got {cfg.eval_every}")
 

@@ -59,7 +59,8 @@ from .model import BertModel
 from .predict import Classifier, score_items, to_device
 from .strategies import task_loss
 from .tabular import ERRORS_HELP, DataError
-from .toolkit import RunOptions, UserError, autocast, cli_main, field, pick_device, prepare_output, set_threads
+from .toolkit import (RunOptions, UserError, autocast, check_max_len, cli_main, field, pick_device, prepare_output,
+                      set_threads)
 
 
 @dataclass
@@ -255,8 +256,7 @@ def check_config(cfg: PruneConfig) -> list[float]:
         raise UserError("--heads, --ffn and --curve rank units by their importance on task data: give --data")
     if cfg.batch_size < 1 or cfg.data_limit < 0:
         raise UserError(f"need --batch-size >= 1 and --data-limit >= 0, got {cfg.batch_size}, {cfg.data_limit}")
-    if cfg.max_len is not None and cfg.max_len < 3:
-        raise UserError(f"--max-len {cfg.max_len}: a row needs [CLS], [SEP] and at least one token (>= 3)")
+    check_max_len(cfg.max_len)
     return curve
 
 

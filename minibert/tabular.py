@@ -52,7 +52,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -189,6 +189,14 @@ def read_labeled(
         problem = f"no usable rows: all {len(data.skipped)} are bad, the first one: {first.problem}"
         raise DataError(path, first.line, problem)
     return data
+
+
+def _one_role_each(roles: list, describe: Callable[[Any], str], unit: str) -> None:
+    """One column (or JSONL key) in two roles, a label column named like the text say, would train on
+    the text as its own label, one class per row, without a word."""
+    for (role_a, a), (role_b, b) in itertools.combinations(roles, 2):
+        if a == b:
+            raise ValueError(f"the {role_a} and the {role_b} are both {describe(a)}; give each its own {unit}")
 
 
 def _decode(raw: bytes, path: str, errors: str) -> str:
@@ -355,11 +363,7 @@ def _read_table(
 
     roles = (("text", text_index), ("text pair", pair_index), ("label", label_index))
     needed = [(role, index) for role, index in roles if index is not None]
-    # one column in two roles (a label column named like the text) would train on the text as its
-    # own label, one class per row, without a word
-    for (role_a, a), (role_b, b) in itertools.combinations(needed, 2):
-        if a == b:
-            raise ValueError(f"the {role_a} and the {role_b} are both {describe(a)}; give each its own column")
+    _one_role_each(needed, describe, "column")
     # A row with more fields than the header (or than most rows, without one) most often holds
     # the separator inside its text (TSV has no quoting), and then every field after it, the
     # label included, comes from the wrong place: reading it would train on a wrong label or a
@@ -464,11 +468,8 @@ def _read_jsonl(
         raise DataError(path, first_line, f"no text key: none of {list(TEXT_NAMES)} in {keys}; pass text_col")
     pair_key = text_pair_col if text_pair_col is not None else _default_key(keys, PAIR_NAMES)
     label_key = label_col if label_col is not None else _default_key(keys, LABEL_NAMES)
-    roles = [(role, key) for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key))
-             if key is not None]
-    for (role_a, a), (role_b, b) in itertools.combinations(roles, 2):  # as in _read_table: one key, one role
-        if a == b:
-            raise ValueError(f"the {role_a} and the {role_b} are both key {a!r}; give each its own key")
+    _one_role_each([(role, key) for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key))
+                    if key is not None], lambda key: f"key {key!r}", "key")
 
     def parse(line: int, record: dict[str, Any]) -> tuple[str, str | None, RawLabel]:
         for role, key in (("text", text_key), ("text pair", pair_key), ("label", label_key)):

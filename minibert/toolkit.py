@@ -72,6 +72,12 @@ USER_ERRORS = (UserError, CheckpointError, CorpusError, DataError, TokenizerFile
 # ----------------------------------------------------------------------------- config -> CLI
 
 
+def check_max_len(max_len: Optional[int]) -> None:
+    """--max-len of a command that reads a model's own limit when it is None."""
+    if max_len is not None and max_len < 3:
+        raise UserError(f"--max-len {max_len}: a row needs [CLS], [SEP] and at least one token (>= 3)")
+
+
 def field(default: Any, help: str, *, fixed: bool = False, choices: Optional[Sequence] = None,
           hidden: bool = False) -> Any:
     """A config dataclass field. `help` becomes its --help text; `fixed`: it shapes the model, the
