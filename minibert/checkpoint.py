@@ -356,6 +356,8 @@ def config_to_hf(cfg) -> dict:
     for name in _PER_LAYER:  # only a pruned model has them, so other configs are unchanged
         if getattr(cfg, name) is not None:
             d["minibert"][name] = list(getattr(cfg, name))
+    if cfg.text_pair is not None:
+        d["minibert"]["text_pair"] = cfg.text_pair
     if cfg.id2label:
         d["id2label"] = {str(i): lab for i, lab in cfg.id2label.items()}
         d["label2id"] = {lab: i for i, lab in cfg.id2label.items()}
@@ -409,6 +411,11 @@ def config_from_hf(d: object, path: PathLike) -> dict:
     for name, v in own.items():
         if name in _HOW_TO_RUN:
             continue
+        if name == "text_pair":
+            if not isinstance(v, bool):
+                raise bad("minibert.text_pair", f"= {v!r} must be true or false")
+            kw[name] = v
+            continue
         if name in _PER_LAYER:
             ok = isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in v)
             if not ok or not all(0 <= n <= _PER_LAYER[name] for n in v):
@@ -417,7 +424,8 @@ def config_from_hf(d: object, path: PathLike) -> dict:
             kw[name] = v
             continue
         if name not in _CHOICES:
-            raise bad(f"minibert.{name}", "is not a minibert field; known: " + ", ".join([*_CHOICES, *_PER_LAYER]))
+            raise bad(f"minibert.{name}", "is not a minibert field; known: "
+                      + ", ".join([*_CHOICES, *_PER_LAYER, "text_pair"]))
         if v not in _CHOICES[name]:
             raise bad(f"minibert.{name}", f"= {v!r}; allowed: " + ", ".join(_CHOICES[name]))
         kw[name] = v

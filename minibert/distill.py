@@ -200,7 +200,7 @@ TEACHER_LAYERS = "teacher-layers:"
 def build_student(spec: str, teacher: Classifier, log) -> tuple[BertForSequenceClassification, Tokenizer, str]:
     """--student -> (model, tokenizer, what it is, for the log)."""
     t_cfg = teacher.model.config
-    labels = dict(num_labels=t_cfg.num_labels, id2label=dict(t_cfg.id2label))
+    labels = dict(num_labels=t_cfg.num_labels, id2label=dict(t_cfg.id2label), text_pair=t_cfg.text_pair)
     if spec.startswith(TEACHER_LAYERS):
         L = t_cfg.num_layers
         try:

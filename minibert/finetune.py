@@ -340,7 +340,8 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
     strategy = STRATEGIES[cfg.strategy]
     names = [str(x) for x in label_map.labels]
     # regression keeps Hugging Face's single placeholder label, as LabelMap.to_json writes it
-    overrides = dict(num_labels=label_map.num_labels, id2label=dict(enumerate(names)) if names else {0: "LABEL_0"})
+    overrides = dict(num_labels=label_map.num_labels, id2label=dict(enumerate(names)) if names else {0: "LABEL_0"},
+                     text_pair=train.pairs is not None)  # predict refuses the other kind of input
     if cfg.dropout is not None:
         overrides.update(dropout=cfg.dropout, attention_dropout=cfg.dropout, classifier_dropout=cfg.dropout)
     seed_everything(cfg.seed)  # a new head's (or a scratch model's) initialisation depends on --seed only

@@ -70,6 +70,9 @@ class BertConfig:
     classifier_dropout: Optional[float] = None  # None -> use `dropout`
     # label names for classification heads, saved in config.json like Hugging Face does
     id2label: dict = field(default_factory=dict)
+    # whether the classifier was fine-tuned on text pairs, so that predict can refuse the other
+    # kind of input; None: not recorded (published checkpoints, pretrained models)
+    text_pair: Optional[bool] = None
     # DEVIATION (structured pruning, minibert/prune.py): per-layer sizes, num_layers counts each.
     # None = every layer has num_heads heads and intermediate_size neurons, as in BERT. The head
     # size stays hidden_size // num_heads; a layer may keep 0 heads or 0 neurons (then that

@@ -104,9 +104,24 @@ class Classifier:
                 raise CheckpointError(f"{cfg_path}: id2label names {len(hf['id2label'])} label(s), but the "
                                       f"classifier head has {outputs} outputs")
         self.model.to(self.device).eval()
+        self.folder = folder
+
+    def check_pairs(self, pairs: Optional[Sequence[str]]) -> None:
+        """A model fine-tuned on text pairs reads [CLS] a [SEP] b [SEP]; given one text, or a model
+        fine-tuned on single texts given two, it still answers, with a label that means nothing.
+        Folders that do not record which (older ones, and those made by other libraries) are not
+        checked."""
+        want = self.model.config.text_pair
+        if want is True and pairs is None:
+            raise UserError(f"{self.folder} was fine-tuned on text pairs; give the second text of each "
+                            "(on the command line: --file with a text pair column)")
+        if want is False and pairs is not None:
+            raise UserError(f"{self.folder} was fine-tuned on single texts and reads no second text; "
+                            "drop --text-pair-col")
 
     def scores(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> Tensor:
         """Raw class scores (N, C): logits, or verbalizer log-probabilities for prompt models."""
+        self.check_pairs(pairs)
         return score_items(self.model, self.inputs, self.inputs.encode(texts, pairs), self.batch_size, self.device)
 
     def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None) -> list[Prediction]:
@@ -136,7 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--file", help="label every row of this TSV/CSV/JSONL file instead (columns as in "
                     "minibert.finetune)")
     ap.add_argument("--text-col", help="text column of --file, by name or 0-based index")
-    ap.add_argument("--text-pair-col", help="second-text column of --file, by name or 0-based index")
+    ap.add_argument("--text-pair-col", help="second-text column of --file, by name or 0-based index; a model "
+                    "fine-tuned on text pairs needs one, a model fine-tuned on single texts refuses it")
     ap.add_argument("--errors", choices=("strict", "replace"), default="strict", help=ERRORS_HELP)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, else mps, "
                     "else cpu)")
@@ -161,8 +177,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             except ValueError as e:  # DataError (file:line), or a file name whose extension names no format
                 raise UserError(str(e) if str(e).startswith(args.file) else f"--file {args.file}: {e}") from None
             texts, pairs = data.texts, data.pairs
+            if pairs is not None and args.text_pair_col is None and clf.model.config.text_pair is False:
+                # a column found by its name (tabular.PAIR_NAMES) that this model has no use for
+                print(f"{prog}: note: {args.file} has a second text column; {clf.folder} was fine-tuned on "
+                      "single texts, so it is not read", file=sys.stderr)
+                pairs = None
         else:
             texts = args.texts
+        clf.check_pairs(pairs)
     except OSError as e:
         return _error(prog, UserError(f"cannot read {e.filename}: {e.strerror}" if e.filename else str(e)))
     except USER_ERRORS as e:

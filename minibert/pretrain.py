@@ -268,7 +268,8 @@ class PretrainConfig(RunOptions):
     def __post_init__(self):
         self.apply_recipe()
         positive = ("batch_size", "grad_accum", "max_steps", "eval_every", "save_every", "log_every", "eval_size")
-        not_positive = ", ".join(f"--{k.replace('_', '-')} {getattr(self, k)}" for k in positive if getattr(self, k) <= 0)
+        not_positive = ", ".join(f"--{k.replace('_', '-')} {getattr(self, k)}"
+                                 for k in positive if getattr(self, k) <= 0)
         checks = [
             (8 <= self.seq_len <= 512, f"--seq-len must be in [8, 512] (512: the position table), got {self.seq_len}"),
             (0 < self.mlm_prob < 1, f"--mlm-prob must be in (0, 1), got {self.mlm_prob}"),

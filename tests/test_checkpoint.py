@@ -399,6 +399,7 @@ def _saved(tmp_path, tiny_config, **cfg):
         ("pad_token_id", 97, r"pad_token_id = 97 must be below vocab_size = 97"),
         ("minibert", {"norm_position": "middle"}, r"minibert.norm_position = 'middle'; allowed: post, pre"),
         ("minibert", {"mystery": 1}, r"minibert.mystery is not a minibert field"),
+        ("minibert", {"text_pair": "yes"}, r"minibert.text_pair = 'yes' must be true or false"),
         ("id2label", ["a", "b"], r"id2label must map label ids"),
     ],
 )

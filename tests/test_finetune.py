@@ -287,6 +287,49 @@ def test_regression_pairs_jsonl_and_columns_by_index(env):
     assert json.loads((d / "nohdr/model/config.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
 
 
+def test_predict_refuses_the_other_kind_of_input(env, capsys):
+    """A pair model given one text, or a single-text model given two, would answer with labels
+    that mean nothing; the model folder records which it was fine-tuned on."""
+    d = env["dir"]
+    rnd = random.Random(1)
+    rows = [(" ".join(rnd.sample(FILLER, 3)), " ".join(rnd.sample(FILLER, 3)), rnd.choice(["yes", "no"]))
+            for _ in range(16)]
+    pairs = d / "pairs.tsv"
+    pairs.write_text("sentence\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in rows),
+                     encoding="utf-8")
+    single = d / "single.tsv"
+    single.write_text("sentence\tother\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in rows),
+                      encoding="utf-8")
+    common = ["--init", env["init"], "--epochs", "1", "--no-progress", "--threads", "1"]
+    assert finetune.main([*common, "--train", str(pairs), "--out", str(d / "pairmodel")]) == 0  # sentence2: a pair
+    assert finetune.main([*common, "--train", str(single), "--out", str(d / "onemodel")]) == 0
+    cfg = lambda run: json.loads((d / run / "model/config.json").read_text())["minibert"]  # noqa: E731
+    assert cfg("pairmodel")["text_pair"] is True and cfg("onemodel")["text_pair"] is False
+    capsys.readouterr()
+
+    pair_model, one_model = str(d / "pairmodel"), str(d / "onemodel")
+    assert predict.main(["--model", pair_model, "the film"]) == 1
+    assert "was fine-tuned on text pairs" in capsys.readouterr().err
+    assert predict.main(["--model", pair_model, "--file", str(single)]) == 1  # no column named as a pair
+    assert "was fine-tuned on text pairs" in capsys.readouterr().err
+    assert predict.main(["--model", pair_model, "--file", str(single), "--text-pair-col", "other"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(rows)
+
+    assert predict.main(["--model", one_model, "--file", str(single), "--text-pair-col", "other"]) == 1
+    assert "fine-tuned on single texts" in capsys.readouterr().err
+    # a column found by its name alone is left unread, with a note, and the labels are the single texts'
+    assert predict.main(["--model", one_model, "--file", str(pairs)]) == 0
+    got = capsys.readouterr()
+    assert "is not read" in got.err
+    clf = predict.Classifier(one_model)
+    alone = [p.label for p in clf([a for a, _, _ in rows])]
+    assert [line.split("\t")[0] for line in got.out.splitlines()] == alone
+    with pytest.raises(predict.UserError, match="single texts"):
+        clf(["a"], ["b"])
+    with pytest.raises(predict.UserError, match="text pairs"):
+        predict.Classifier(pair_model)(["a"])
+
+
 def test_bad_files_name_file_and_line(env, capsys):
     d = env["dir"]
     bad_dev = write_tsv(d / "bad_dev.tsv", [("a good film", "pos"), ("a bad film", "meh")])
@@ -311,8 +354,8 @@ def test_a_file_that_is_not_utf8_stops_with_the_flag_that_reads_it(env, capsys):
     latin = d / "latin1.tsv"
     rows = "".join(f"{t}\t{y}\n" for t, y in sentences(16, 7))
     latin.write_bytes(("sentence\tlabel\n" + rows).encode("utf-8") + "un café superbe\tpos\n".encode("latin-1"))
-    argv = ["--init", env["init"], "--train", str(latin), "--out", str(d / "latin"), "--no-progress", "--max-steps", "2",
-            "--threads", "1"]
+    argv = ["--init", env["init"], "--train", str(latin), "--out", str(d / "latin"), "--no-progress",
+            "--max-steps", "2", "--threads", "1"]
     assert finetune.main(argv) == 1
     err = capsys.readouterr().err
     assert f"{latin}:18: bytes that are not UTF-8 at byte offset" in err and "(0xe9)" in err
