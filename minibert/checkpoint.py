@@ -322,6 +322,7 @@ _CHOICES = {  # minibert's own fields, under "minibert": allowed values
 }
 # Per-layer sizes of a pruned model (minibert/prune.py), under "minibert": field -> the largest count
 _PER_LAYER = {"heads_per_layer": 65_536, "intermediate_per_layer": 262_144}
+_FLAGS = ("text_pair",)  # true or false, under "minibert": what a fine-tuned model reads
 _HOW_TO_RUN = ("attn_impl", "fused_kernels")  # older files name them; the loader chooses them now
 
 
@@ -411,9 +412,9 @@ def config_from_hf(d: object, path: PathLike) -> dict:
     for name, v in own.items():
         if name in _HOW_TO_RUN:
             continue
-        if name == "text_pair":
+        if name in _FLAGS:
             if not isinstance(v, bool):
-                raise bad("minibert.text_pair", f"= {v!r} must be true or false")
+                raise bad(f"minibert.{name}", f"= {v!r} must be true or false")
             kw[name] = v
             continue
         if name in _PER_LAYER:
@@ -425,7 +426,7 @@ def config_from_hf(d: object, path: PathLike) -> dict:
             continue
         if name not in _CHOICES:
             raise bad(f"minibert.{name}", "is not a minibert field; known: "
-                      + ", ".join([*_CHOICES, *_PER_LAYER, "text_pair"]))
+                      + ", ".join([*_CHOICES, *_PER_LAYER, *_FLAGS]))
         if v not in _CHOICES[name]:
             raise bad(f"minibert.{name}", f"= {v!r}; allowed: " + ", ".join(_CHOICES[name]))
         kw[name] = v

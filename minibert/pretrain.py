@@ -162,7 +162,7 @@ class PretrainConfig(RunOptions):
                               "checks their content, not their names")
     recipe: str = field("budget", "defaults for --nsp, --mlm-prob, --seq-len, --dropout, --weight-decay, "
                         "--position-init, --max-steps and --warmup (a flag given explicitly wins). 'budget': no NSP, "
-                        "40%% masking, 64 tokens, dropout 0 and weight decay 0.01 (0.1 and 0.1 wider than tiny), "
+                        "40%% masking, 64 tokens, dropout 0 and weight decay 0.01 (both 0.1 wider than tiny), "
                         "sinusoidal position start, 2400 steps, warmup 240; with "
                         "--time-budget the same settings over the budget instead of the steps (the recipe that "
                         "transferred best from a few CPU minutes; see benchmarks/pretrain_results.md). 'bert': the "
