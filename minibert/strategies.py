@@ -8,7 +8,7 @@ Building blocks (tests/test_strategies.py pins each against a direct computation
     LoRALinear / add_lora        low-rank adapters on the attention projections, merged on save
     info_nce                     the alignment loss of "bidirectional" fine-tuning
     FGM                          fast gradient method: adversarial steps on the word embeddings
-    Verbalizer / Prompt / prompt_scores
+    Verbalizer / Prompt / PackedPrompt / prompt_scores
                                  cloze prompts read through the masked-LM head
 
 Methods (the end of this file): `Strategy` is the interface, `STRATEGIES` the table from
@@ -403,6 +403,32 @@ class Prompt:
         return cls(d["template"], Verbalizer.parse(d["verbalizer"], label_names, tok), tok, max_len or d["max_len"])
 
 
+class PackedPrompt(Prompt):
+    """The same prompts, packed end to end into rows of max_len (minibert.packing) instead of
+    padded: each prompt keeps its own positions and attends only to itself, so the [MASK]
+    states are what the padded batch gives (only the dropout draws differ)."""
+
+    def collate(self, items: Sequence[dict[int, tuple[list[int], int]]]) -> dict[int, dict[str, Tensor]]:
+        """-> {n: the packed rows (minibert.packing.pack) and mask_index (N, 2): (row, column)
+        of each prompt's first [MASK], in the batch's order}."""
+        batch = {}
+        for n in self.verbalizer.mask_counts:
+            b = pack([it[n][0] for it in items], self.max_len, pad_id=self.tok.pad_id, dense_mask=False)
+            b["mask_index"] = b.pop("cls_index") + torch.tensor([[0, it[n][1]] for it in items])  # (N, 2)
+            batch[n] = b
+        return batch
+
+    def scores(self, mlm: nn.Module, batch: dict[int, dict[str, Tensor]]) -> Tensor:
+        mask_logits = {}
+        for n, b in batch.items():
+            h = mlm.bert(b["input_ids"], b["token_type_ids"], position_ids=b["position_ids"],
+                         doc_ids=b["doc_ids"])  # (R, T, H)
+            rows = b["mask_index"][:, :1].expand(-1, n)  # (N, n)
+            cols = b["mask_index"][:, 1:] + torch.arange(n, device=h.device)  # (N, n)
+            mask_logits[n] = mlm.mlm(h[rows, cols])  # (N, n, H) -> (N, n, V)
+        return prompt_scores(mask_logits, self.verbalizer)
+
+
 def prompt_scores(mask_logits: dict[int, Tensor], verbalizer: Verbalizer) -> Tensor:
     """Class scores (B, C) from the MLM logits at the [MASK] positions.
 
@@ -530,7 +556,7 @@ class PromptTuning(Strategy):
 
     name, help = "prompt", "cloze through the masked-LM head: --template, --verbalizer (zero-shot: --epochs 0)"
     model_class = BertForMaskedLM
-    options = ("template", "verbalizer")
+    options = ("pack", "template", "verbalizer")
 
     def __init__(self, cfg, model, tok, label_map, pretrained, log):
         super().__init__(cfg, model, tok, label_map, pretrained, log)
@@ -539,7 +565,8 @@ class PromptTuning(Strategy):
         if label_map.is_regression:
             raise UserError("--strategy prompt needs class labels, not regression targets (--task classification)")
         names = [str(x) for x in label_map.labels]
-        self.inputs = Prompt(cfg.template, Verbalizer.parse(cfg.verbalizer, names, tok), tok, cfg.max_len)
+        prompt = PackedPrompt if cfg.pack else Prompt
+        self.inputs = prompt(cfg.template, Verbalizer.parse(cfg.verbalizer, names, tok), tok, cfg.max_len)
         if any(n.startswith("mlm.") for n in getattr(model, "load_report", {}).get("initialised", [])):
             self.notes["warning"] = (f"{pretrained} has no masked-LM head (mlm.dense / mlm.norm / mlm.bias newly "
                                      "initialised): prompt scores come from an untrained head, so zero-shot accuracy "

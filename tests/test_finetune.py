@@ -226,6 +226,22 @@ def test_zero_shot_prompt_and_few_shot(env):
     assert m["train"]["examples"] == 2 * 8  # 4 per class x 2 classes x 2 epochs
 
 
+def test_packed_prompt_training_learns_the_padded_runs_weights(env):
+    """--strategy prompt --pack: with no dropout the packed prompts compute the padded ones'
+    loss, so the same weights come out of training."""
+    a = run(env, "prompt_padded", *STRATEGY_ARGS["prompt"], "--dropout", "0", "--few-shot-k", "4", data=("train",))
+    b = run(env, "prompt_packed", *STRATEGY_ARGS["prompt"], "--dropout", "0", "--few-shot-k", "4", "--pack",
+            data=("train",))
+    assert a["train"]["steps"] == b["train"]["steps"] > 0
+    pa = load_file(str(env["dir"] / "prompt_padded/model/model.safetensors"))
+    pb = load_file(str(env["dir"] / "prompt_packed/model/model.safetensors"))
+    init = load_file(str(Path(env["init"]) / "model.safetensors"))
+    key = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(pa[key], init[key])  # it trained
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-5)
+
+
 def test_seed_reproduces_and_changes(env):
     a = strategy_run(env, "full")  # --seed 0, the default
     b = run(env, "full_again")

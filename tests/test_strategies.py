@@ -14,6 +14,7 @@ from minibert import BertConfig, BertForMaskedLM, BertForSequenceClassification,
 from minibert.strategies import (
     FGM,
     LoRALinear,
+    PackedPrompt,
     Prompt,
     Verbalizer,
     add_lora,
@@ -226,6 +227,24 @@ def test_prompt_multi_piece_and_alternative_words(tok):
     very, bad = tok.token_to_id("very"), tok.token_to_id("bad")
     neg = 0.5 * (lp1[0, tok.token_to_id("terrible")] + 0.5 * (lp2[0, very] + lp2[1, bad]))
     torch.testing.assert_close(s[0], torch.stack([neg, lp1[0, tok.token_to_id("great")]]))
+
+
+def test_packed_prompts_score_like_padded_ones(tok):
+    """--pack with --strategy prompt: the prompts share rows, each with its own positions and
+    attention block, so every class score is the padded batch's; a two-piece word checks that
+    the n consecutive [MASK]s are found in the packed rows too."""
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(tiny_cfg(vocab_size=tok.vocab_size)).eval()
+    verb = Verbalizer.parse("0:terrible|very bad,1:great", ["0", "1"], tok)
+    texts = ["the film was good", "a very bad plot", "the acting is not great", "story", "it was not a good film",
+             "the plot"]
+    plain, packed = Prompt("{text} it was [MASK] .", verb, tok, 24), PackedPrompt("{text} it was [MASK] .", verb, tok, 24)
+    items = plain.encode(texts)
+    batch = packed.collate(items)
+    assert all(b["input_ids"].shape[0] < len(texts) for b in batch.values())  # really packed
+    with torch.no_grad():
+        torch.testing.assert_close(packed.scores(mlm, batch), plain.scores(mlm, plain.collate(items)), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_verbalizer_errors(tok):
