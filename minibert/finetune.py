@@ -8,7 +8,7 @@
     --strategy prompt         cloze through the masked-LM head: --template, --verbalizer (zero-shot: --epochs 0)
     --strategy bidirectional  task loss + lambda * InfoNCE(M_ft, M_pre); both models learn
     --strategy lora           low-rank adapters on q/k/v/o, merged into the weights on save
-    with any of them: --adversarial fgm, --class-weights, --layer-decay, --dropout, --search grid|random
+    with any of them: --adversarial fgm|pgd, --class-weights, --layer-decay, --dropout, --search grid|random
     --init P --from-scratch   P's architecture and vocabulary with random weights: the no-pretraining baseline
 
 Before the first step every data file is read, parsed strictly and encoded, and the labels are
@@ -44,7 +44,7 @@ from .checkpoint import atomic_write_text
 from .model import ATTN_IMPLS, PRESETS, BertConfig
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
-from .strategies import FGM, STRATEGIES, Strategy
+from .strategies import FGM, PGD, STRATEGIES, Strategy
 from .tabular import ERRORS_HELP, BadRowError, DataError, LabeledData, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
@@ -109,9 +109,10 @@ class FinetuneConfig(RunOptions):
     lora_rank: int = field(8, "lora: rank r of the adapters", fixed=True)
     lora_alpha: float = field(16.0, "lora: scale; the update is (alpha / r) B A", fixed=True)
     lora_dropout: float = field(0.0, "lora: dropout on the adapter input", fixed=True)
-    adversarial: str = field("none", "fgm: an adversarial step on the word embeddings", fixed=True,
-                             choices=("none", "fgm"))
-    fgm_epsilon: float = field(1.0, "fgm: norm of the embedding perturbation", fixed=True)
+    adversarial: str = field("none", "fgm: an adversarial step on the word embeddings; pgd: --adv-steps steps, "
+                             "each projected back into the same ball", fixed=True, choices=("none", "fgm", "pgd"))
+    fgm_epsilon: float = field(1.0, "fgm, pgd: norm of the embedding perturbation", fixed=True)
+    adv_steps: int = field(3, "pgd: ascent steps per training step (K + 1 passes; K = 1 is fgm)", fixed=True)
     # -- optimisation
     epochs: Optional[float] = field(None, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts; "
                                     "default: by the model's width, see default_schedule: 20 for hidden <= 128, "
@@ -177,6 +178,7 @@ def check_config(cfg: FinetuneConfig) -> None:
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (cfg.adam_eps > 0, f"--adam-eps must be positive, got {cfg.adam_eps}"),
         (cfg.clip >= 0, f"--clip must be >= 0 (0 = off), got {cfg.clip}"),
+        (cfg.adv_steps >= 1, f"--adv-steps must be >= 1, got {cfg.adv_steps}"),
         (cfg.layer_decay is None or 0 < cfg.layer_decay <= 1,
          f"--layer-decay must be in (0, 1], got {cfg.layer_decay}"),
         (cfg.dropout is None or 0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -554,12 +556,12 @@ class Trainer:
     log: Callable[[str], None]
     steps_per_epoch: int
     total: int  # optimiser steps in the whole schedule
-    modules: list  # the learner's modules (FGM also reads frozen weights in them)
+    modules: list  # the learner's modules (the adversary also reads frozen weights in them)
     params: list  # the parameters that learn, which optimizer_step clips
     opt: Optional[torch.optim.Optimizer]  # None when nothing learns (--epochs 0, e.g. zero-shot prompts)
     sched: Optional[torch.optim.lr_scheduler.LRScheduler]
     scaler: torch.amp.GradScaler
-    fgm: Optional[FGM]
+    adversary: Optional[FGM]  # FGM, or PGD (a subclass)
     metric: str  # the dev metric that selects the kept model
     keep: KeepBest
     best: dict  # {"dev": metrics of the kept model, "step": its step}
@@ -589,11 +591,12 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
     opt = adamw(groups, cfg.lr, eps=cfg.adam_eps) if groups else None
     sched = warmup_linear(opt, round(cfg.warmup * total), total) if opt else None
     scaler = grad_scaler(cfg.precision, device)
-    fgm = None
-    if cfg.adversarial == "fgm":
+    adversary = None
+    if cfg.adversarial != "none":
         emb = learner.embeddings()
-        emb.weight.requires_grad_(True)  # FGM needs its gradient even when frozen (it is not in the optimiser then)
-        fgm = FGM(emb, cfg.fgm_epsilon)
+        emb.weight.requires_grad_(True)  # the attack needs its gradient even when frozen (not in the optimiser then)
+        adversary = (FGM(emb, cfg.fgm_epsilon) if cfg.adversarial == "fgm"
+                     else PGD(emb, cfg.fgm_epsilon, cfg.adv_steps))
     regression = data.label_map.is_regression
     metric = cfg.metric if cfg.metric != "auto" else ("pearson" if regression else "accuracy")
     metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
@@ -606,7 +609,7 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
     now = {**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("fixed")},
            "train_sha256": file_digest(cfg.train), "dev_sha256": file_digest(cfg.dev), "total_steps": total}
     t = Trainer(cfg, learner, data, out, device, log, steps_per_epoch, total, modules, params, opt, sched, scaler,
-                fgm, metric, keep, {"dev": {}, "step": 0}, g, now)
+                adversary, metric, keep, {"dev": {}, "step": 0}, g, now)
     state = restore(t) if cfg.resume else None
     # everything is checked: from here on the folder holds a run (the next job needs --resume or --overwrite)
     atomic_write_text(out / "run_config.json", json.dumps(asdict(cfg), indent=2) + "\n")
@@ -640,7 +643,8 @@ def restore(t: Trainer) -> dict:
 
 
 def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
-    """One optimiser step on training rows idx: forward under autocast, backward, FGM's second pass, the update.
+    """One optimiser step on training rows idx: forward under autocast, backward, FGM's or PGD's
+    adversarial passes, the update.
     Returns the gradient norm and the strategy's loss parts; a non-finite loss stops the run (UserError)."""
     cfg, learner, device, train = t.cfg, t.learner, t.device, t.data.train
     t0 = time.perf_counter()
@@ -649,18 +653,19 @@ def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
     with autocast(cfg.precision, device):
         loss, parts = learner.loss(batch, y)
     t.scaler.scale(loss).backward()
-    if t.fgm is not None and t.fgm.attack():  # second pass with the word embeddings pushed uphill
-        with autocast(cfg.precision, device):
-            adv_loss, _ = learner.loss(batch, y)
-        t.scaler.scale(adv_loss).backward()
-        t.fgm.restore()
+    if t.adversary is not None:  # more passes with the word embeddings pushed uphill, their gradient added
+        def adv_loss() -> Tensor:
+            with autocast(cfg.precision, device):
+                return t.scaler.scale(learner.loss(batch, y)[0])
+
+        t.adversary.run(adv_loss, [p for m in t.modules for p in m.parameters()])
     norm = optimizer_step(t.opt, t.sched, t.scaler, t.params, cfg.clip)
     if not math.isfinite(loss.item()):  # no extra wait: optimizer_step has just synced for the norm
         kept = f"the model of step {t.best['step']} in {t.out / 'model'} is kept" if t.best["step"] or \
             (t.out / "model").exists() else "no model was saved"
         raise UserError(f"step {t.step + 1}: the loss is {loss.item()} (not finite); stopped, {kept}; "
                         f"lower --lr, or check the data for extreme values")
-    for m in t.modules:  # also frozen weights FGM reads, which the optimizer does not hold
+    for m in t.modules:  # also frozen weights the adversary reads, which the optimizer does not hold
         m.zero_grad(set_to_none=True)
     t.step += 1
     t.examples += len(idx)
@@ -722,7 +727,7 @@ def save_state(t: Trainer, epoch_rng: Tensor) -> None:
 
 
 def train_loop(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path, device: torch.device, log) -> dict:
-    """AdamW + warmup/decay, clipping, optional FGM, dev selection (the kept model is the one on
+    """AdamW + warmup/decay, clipping, optional FGM or PGD, dev selection (the kept model is the one on
     disk), early stopping, and a train state at every evaluation for --resume.
     Returns metrics.json's dev/train part; a Ctrl-C saves the state, then raises KeyboardInterrupt."""
     t = setup_training(cfg, learner, data, out, device, log)

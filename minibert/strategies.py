@@ -7,7 +7,8 @@ Building blocks (tests/test_strategies.py pins each against a direct computation
     freeze_bottom(model, k)      partial fine-tuning: embeddings + the bottom k layers stay fixed
     LoRALinear / add_lora        low-rank adapters on the attention projections, merged on save
     info_nce                     the alignment loss of "bidirectional" fine-tuning
-    FGM                          fast gradient method: adversarial steps on the word embeddings
+    FGM / PGD                    fast gradient method and projected gradient ascent: adversarial
+                                 steps on the word embeddings
     Verbalizer / Prompt / PackedPrompt / prompt_scores
                                  cloze prompts read through the masked-LM head
 
@@ -228,7 +229,7 @@ def info_nce(a: Tensor, b: Tensor, temperature: float) -> Tensor:
 class FGM:
     """r_adv = epsilon * g / ||g||, g = d loss / d E (E = the word-embedding matrix).
 
-    Used inside a training step:
+    Used inside a training step (`run` does the last three):
         loss.backward()        # clean gradient, which also gives g
         fgm.attack()           # E <- E + r_adv
         loss_adv.backward()    # gradients of the clean and the adversarial loss add up
@@ -258,6 +259,60 @@ class FGM:
         if self.backup is not None:
             self.weight.copy_(self.backup)
             self.backup = None
+
+    def run(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+        """After the clean backward: the adversarial pass, its gradient added to the clean one.
+        loss_fn computes the (scaled) loss on the current embeddings; params are every tensor
+        whose gradient the step uses (PGD needs them, FGM only adds)."""
+        if self.attack():
+            loss_fn().backward()
+            self.restore()
+
+
+class PGD(FGM):
+    """Projected gradient ascent on the word embeddings (Madry et al. 2018): K steps, each of
+    length alpha = 2 epsilon / K along the gradient at the point reached, the total perturbation
+    projected back onto the ball of radius epsilon around E after each step. K = 1 is FGM (the
+    one step of 2 epsilon is projected back to epsilon); more steps find a worse point inside
+    the same ball. `run` leaves the clean gradient plus the last adversarial pass's: K + 1
+    forward and backward passes a step, against FGM's 2.
+    """
+
+    def __init__(self, embedding: nn.Embedding, epsilon: float, steps: int):
+        super().__init__(embedding, epsilon)
+        self.steps, self.alpha = steps, 2 * epsilon / steps
+
+    @torch.no_grad()
+    def attack(self) -> bool:
+        g = self.weight.grad
+        if g is None:
+            raise RuntimeError("PGD needs the gradient of the word embeddings; call loss.backward() first")
+        norm = torch.linalg.vector_norm(g)
+        if norm == 0 or not torch.isfinite(norm):
+            return False
+        if self.backup is None:
+            self.backup = self.weight.detach().clone()
+        self.weight.add_(g, alpha=self.alpha / norm.item())
+        r = self.weight - self.backup  # (V, H) the perturbation so far
+        r_norm = torch.linalg.vector_norm(r)
+        if r_norm > self.epsilon:  # back onto the ball
+            self.weight.copy_(self.backup + r * (self.epsilon / r_norm))
+        return True
+
+    def run(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+        clean = [(p, p.grad) for p in params if p.grad is not None]
+        ran = False
+        for _ in range(self.steps):
+            if not self.attack():
+                break
+            for p in params:  # the next pass's gradient alone: the next step follows it
+                p.grad = None
+            loss_fn().backward()
+            ran = True
+        self.restore()
+        if ran:
+            for p, g in clean:
+                p.grad = g if p.grad is None else p.grad + g
 
 
 # -----------------------------------------------------------------------------

@@ -101,6 +101,9 @@ STRATEGY_ARGS = {
     "full_packed": ["--pack"],
     "full_fgm": ["--adversarial", "fgm", "--fgm-epsilon", "0.5", "--class-weights", "inverse", "--layer-decay", "0.9",
                  "--dropout", "0.0"],
+    # packed prompts, PGD through the embeddings the masked-LM decoder shares
+    "prompt_pgd": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer", "neg:terrible,pos:great",
+                   "--pack", "--adversarial", "pgd", "--adv-steps", "2"],
 }
 
 
@@ -134,7 +137,7 @@ def test_every_strategy_end_to_end(env, name):
     if name == "bidirectional":
         assert (out / "pretrained_updated/model.safetensors").exists()
         assert {"mlm_accuracy_before", "mlm_accuracy_after"} <= set(m["bidirectional"])
-    if name == "prompt":
+    if name.startswith("prompt"):
         assert (out / "model/prompt.json").exists()
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from minibert import BertConfig, BertForMaskedLM, BertForSequenceClassification, Tokenizer
 from minibert.strategies import (
     FGM,
+    PGD,
     LoRALinear,
     PackedPrompt,
     Prompt,
@@ -158,6 +159,55 @@ def test_fgm_needs_a_gradient():
     emb = torch.nn.Embedding(10, 4)
     with pytest.raises(RuntimeError, match="backward"):
         FGM(emb, 1.0).attack()
+
+
+def _grads_after(adversary_factory, seed=0):
+    """Clean backward, then the adversary's run: every parameter's gradient, and the embeddings after."""
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(tiny_cfg())
+    ids, mask = batch()
+    y = torch.tensor([0, 1, 0, 1])
+    loss_fn = lambda: F.cross_entropy(model(ids, None, mask).logits, y)  # noqa: E731
+    loss_fn().backward()
+    emb = model.bert.embeddings.tok
+    before = emb.weight.detach().clone()
+    adversary_factory(emb).run(loss_fn, list(model.parameters()))
+    assert torch.equal(emb.weight.detach(), before)  # restored
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, model, loss_fn
+
+
+def test_pgd_with_one_step_is_fgm():
+    fgm, _, _ = _grads_after(lambda e: FGM(e, 0.5))
+    pgd, _, _ = _grads_after(lambda e: PGD(e, 0.5, steps=1))
+    for k in fgm:
+        torch.testing.assert_close(pgd[k], fgm[k])
+
+
+def test_pgd_steps_stay_in_the_ball_and_keep_clean_plus_last_gradient():
+    """Three steps by hand: each along the gradient at the point reached, projected onto the ball;
+    the step's gradient is the clean one plus the last perturbed pass's."""
+    got, model, loss_fn = _grads_after(lambda e: PGD(e, 0.3, steps=3))
+    model.zero_grad()
+    loss_fn().backward()
+    params = dict(model.named_parameters())
+    clean = {n: p.grad.clone() for n, p in params.items()}
+    w = model.bert.embeddings.tok.weight
+    e0 = w.detach().clone()
+    g = w.grad.clone()
+    for _ in range(3):
+        with torch.no_grad():
+            r = w + 0.2 * g / g.norm() - e0  # alpha = 2 epsilon / K
+            w.copy_(e0 + r * min(1.0, 0.3 / r.norm().item()))
+        assert torch.linalg.vector_norm(w.detach() - e0).item() <= 0.3 + 1e-6
+        model.zero_grad()
+        loss_fn().backward()
+        g = w.grad.clone()
+    last = {n: p.grad.clone() for n, p in params.items()}
+    with torch.no_grad():
+        w.copy_(e0)
+    for k in got:
+        torch.testing.assert_close(got[k], clean[k] + last[k])
+    assert not torch.allclose(last["classifier.weight"], clean["classifier.weight"])  # the passes differed
 
 
 # --- InfoNCE --------------------------------------------------------------------

@@ -201,6 +201,7 @@ BAD_FLAGS = [
     (["--log-every", "0"], "--log-every must be positive; got 128, 0"),
     (["--patience", "-2"], "--eval-every and --patience must be >= 0; got 0, 0, 0, 0, 0, -2"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--adversarial", "pgd", "--adv-steps", "0"], "--adv-steps must be >= 1"),
     (["--precision", "fp16"], "fp16 is for GPUs"),
     (["--device", "cuda:3"], "--device cuda:3"),
     (["--threads", "-1"], "--threads must be 0"),
