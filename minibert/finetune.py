@@ -85,8 +85,8 @@ class FinetuneConfig(RunOptions):
                       "classification (1.0 counts as the class 1)", fixed=True,
                       choices=("auto", "classification", "regression"))
     max_len: int = field(128, "truncate rows to this many tokens (specials included)", fixed=True)
-    pack: bool = field(False, "full/partial/lora/prompt: pack each batch's texts into rows of --max-len instead of padding "
-                       "(same math, fewer FLOPs on short texts)", fixed=True)
+    pack: bool = field(False, "full/partial/lora/prompt: pack each batch's texts into rows of --max-len instead of "
+                       "padding (same math, fewer FLOPs on short texts)", fixed=True)
     train_limit: int = field(0, "use a fixed random subsample of this many training rows (0 = all)", fixed=True)
     dev_limit: int = field(0, "evaluate on a fixed random subsample of this many dev rows (0 = all)", fixed=True)
     few_shot_k: int = field(0, "use k training rows per class, sampled with --data-seed (0 = all)", fixed=True)

@@ -102,8 +102,8 @@ STRATEGY_ARGS = {
     "full_fgm": ["--adversarial", "fgm", "--fgm-epsilon", "0.5", "--class-weights", "inverse", "--layer-decay", "0.9",
                  "--dropout", "0.0"],
     # packed prompts, PGD through the embeddings the masked-LM decoder shares
-    "prompt_pgd": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer", "neg:terrible,pos:great",
-                   "--pack", "--adversarial", "pgd", "--adv-steps", "2"],
+    "prompt_pgd": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer",
+                   "neg:terrible,pos:great", "--pack", "--adversarial", "pgd", "--adv-steps", "2"],
 }
 
 

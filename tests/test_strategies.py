@@ -288,7 +288,8 @@ def test_packed_prompts_score_like_padded_ones(tok):
     verb = Verbalizer.parse("0:terrible|very bad,1:great", ["0", "1"], tok)
     texts = ["the film was good", "a very bad plot", "the acting is not great", "story", "it was not a good film",
              "the plot"]
-    plain, packed = Prompt("{text} it was [MASK] .", verb, tok, 24), PackedPrompt("{text} it was [MASK] .", verb, tok, 24)
+    template = "{text} it was [MASK] ."
+    plain, packed = Prompt(template, verb, tok, 24), PackedPrompt(template, verb, tok, 24)
     items = plain.encode(texts)
     batch = packed.collate(items)
     assert all(b["input_ids"].shape[0] < len(texts) for b in batch.values())  # really packed
