@@ -240,19 +240,26 @@ class FGM:
     def __init__(self, embedding: nn.Embedding, epsilon: float):
         self.weight = embedding.weight
         self.epsilon = epsilon
+        self.alpha = epsilon  # the length of one step: FGM takes one, to the edge of the ball
         self.backup: Optional[Tensor] = None
 
     @torch.no_grad()
     def attack(self) -> bool:
         g = self.weight.grad
         if g is None:
-            raise RuntimeError("FGM needs the gradient of the word embeddings; call loss.backward() first")
+            raise RuntimeError(f"{type(self).__name__} needs the gradient of the word embeddings; "
+                               "call loss.backward() first")
         norm = torch.linalg.vector_norm(g)
         if norm == 0 or not torch.isfinite(norm):
             return False  # no direction to move in; skip the adversarial pass
-        self.backup = self.weight.detach().clone()
-        self.weight.add_(g, alpha=self.epsilon / norm.item())
+        if self.backup is None:  # the first step from E
+            self.backup = self.weight.detach().clone()
+        self.weight.add_(g, alpha=self.alpha / norm.item())
+        self.project()
         return True
+
+    def project(self) -> None:
+        """FGM's one step of length epsilon ends on the ball already."""
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -283,21 +290,11 @@ class PGD(FGM):
         self.steps, self.alpha = steps, 2 * epsilon / steps
 
     @torch.no_grad()
-    def attack(self) -> bool:
-        g = self.weight.grad
-        if g is None:
-            raise RuntimeError("PGD needs the gradient of the word embeddings; call loss.backward() first")
-        norm = torch.linalg.vector_norm(g)
-        if norm == 0 or not torch.isfinite(norm):
-            return False
-        if self.backup is None:
-            self.backup = self.weight.detach().clone()
-        self.weight.add_(g, alpha=self.alpha / norm.item())
+    def project(self) -> None:
         r = self.weight - self.backup  # (V, H) the perturbation so far
         r_norm = torch.linalg.vector_norm(r)
         if r_norm > self.epsilon:  # back onto the ball
             self.weight.copy_(self.backup + r * (self.epsilon / r_norm))
-        return True
 
     def run(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
         clean = [(p, p.grad) for p in params if p.grad is not None]
