@@ -596,7 +596,7 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
         emb = learner.embeddings()
         emb.weight.requires_grad_(True)  # the attack needs its gradient even when frozen (not in the optimiser then)
         adversary = (FGM(emb, cfg.fgm_epsilon) if cfg.adversarial == "fgm"
-                     else PGD(emb, cfg.fgm_epsilon, cfg.adv_steps))
+                     else PGD(emb, cfg.fgm_epsilon, cfg.adv_steps, [p for m in modules for p in m.parameters()]))
     regression = data.label_map.is_regression
     metric = cfg.metric if cfg.metric != "auto" else ("pearson" if regression else "accuracy")
     metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
@@ -658,7 +658,7 @@ def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
             with autocast(cfg.precision, device):
                 return t.scaler.scale(learner.loss(batch, y)[0])
 
-        t.adversary.run(adv_loss, [p for m in t.modules for p in m.parameters()])
+        t.adversary.run(adv_loss)
     norm = optimizer_step(t.opt, t.sched, t.scaler, t.params, cfg.clip)
     if not math.isfinite(loss.item()):  # no extra wait: optimizer_step has just synced for the norm
         kept = f"the model of step {t.best['step']} in {t.out / 'model'} is kept" if t.best["step"] or \

@@ -267,10 +267,9 @@ class FGM:
             self.weight.copy_(self.backup)
             self.backup = None
 
-    def run(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+    def run(self, loss_fn: Callable[[], Tensor]) -> None:
         """After the clean backward: the adversarial pass, its gradient added to the clean one.
-        loss_fn computes the (scaled) loss on the current embeddings; params are every tensor
-        whose gradient the step uses (PGD needs them, FGM only adds)."""
+        loss_fn computes the (scaled) loss on the current embeddings."""
         if self.attack():
             loss_fn().backward()
             self.restore()
@@ -285,9 +284,10 @@ class PGD(FGM):
     forward and backward passes a step, against FGM's 2.
     """
 
-    def __init__(self, embedding: nn.Embedding, epsilon: float, steps: int):
+    def __init__(self, embedding: nn.Embedding, epsilon: float, steps: int, params: Sequence[Tensor]):
         super().__init__(embedding, epsilon)
         self.steps, self.alpha = steps, 2 * epsilon / steps
+        self.params = list(params)  # every tensor whose gradient the step uses, the embeddings among them
 
     @torch.no_grad()
     def project(self) -> None:
@@ -296,13 +296,13 @@ class PGD(FGM):
         if r_norm > self.epsilon:  # back onto the ball
             self.weight.copy_(self.backup + r * (self.epsilon / r_norm))
 
-    def run(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
-        clean = [(p, p.grad) for p in params if p.grad is not None]
+    def run(self, loss_fn: Callable[[], Tensor]) -> None:
+        clean = [(p, p.grad) for p in self.params if p.grad is not None]
         ran = False
         for _ in range(self.steps):
             if not self.attack():
                 break
-            for p in params:  # the next pass's gradient alone: the next step follows it
+            for p in self.params:  # the next pass's gradient alone: the next step follows it
                 p.grad = None
             loss_fn().backward()
             ran = True
@@ -437,14 +437,16 @@ class Prompt:
 
     def scores(self, mlm: nn.Module, batch: dict[int, dict[str, Tensor]]) -> Tensor:
         """(B, C) class scores from a BertForMaskedLM; differentiable, for few-shot training."""
-        mask_logits = {}
-        for n, b in batch.items():
-            h = mlm.bert(b["input_ids"], b["token_type_ids"], b["attention_mask"])  # (B, T, H)
-            pos = b["mask_at"][:, None] + torch.arange(n, device=h.device)  # (B, n)
-            h_mask = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, n, H)
-            # the V-wide decoder runs on the n [MASK] rows only, not on all T positions
-            mask_logits[n] = mlm.mlm(h_mask)  # (B, n, V)
+        # the V-wide decoder runs on the n [MASK] rows only, not on all T positions
+        mask_logits = {n: mlm.mlm(self.mask_states(mlm, b, n)) for n, b in batch.items()}  # (B, n, V)
         return prompt_scores(mask_logits, self.verbalizer)
+
+    @staticmethod
+    def mask_states(mlm: nn.Module, b: dict[str, Tensor], n: int) -> Tensor:
+        """(B, n, H): the final hidden states at each prompt's n [MASK]s."""
+        h = mlm.bert(b["input_ids"], b["token_type_ids"], b["attention_mask"])  # (B, T, H)
+        pos = b["mask_at"][:, None] + torch.arange(n, device=h.device)  # (B, n)
+        return h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, n, H)
 
     def to_dict(self) -> dict:
         """What prompt.json holds: enough to rebuild this Prompt beside the model folder."""
@@ -470,15 +472,13 @@ class PackedPrompt(Prompt):
             batch[n] = b
         return batch
 
-    def scores(self, mlm: nn.Module, batch: dict[int, dict[str, Tensor]]) -> Tensor:
-        mask_logits = {}
-        for n, b in batch.items():
-            h = mlm.bert(b["input_ids"], b["token_type_ids"], position_ids=b["position_ids"],
-                         doc_ids=b["doc_ids"])  # (R, T, H)
-            rows = b["mask_index"][:, :1].expand(-1, n)  # (N, n)
-            cols = b["mask_index"][:, 1:] + torch.arange(n, device=h.device)  # (N, n)
-            mask_logits[n] = mlm.mlm(h[rows, cols])  # (N, n, H) -> (N, n, V)
-        return prompt_scores(mask_logits, self.verbalizer)
+    @staticmethod
+    def mask_states(mlm: nn.Module, b: dict[str, Tensor], n: int) -> Tensor:
+        h = mlm.bert(b["input_ids"], b["token_type_ids"], position_ids=b["position_ids"],
+                     doc_ids=b["doc_ids"])  # (R, T, H)
+        rows = b["mask_index"][:, :1].expand(-1, n)  # (N, n)
+        cols = b["mask_index"][:, 1:] + torch.arange(n, device=h.device)  # (N, n)
+        return h[rows, cols]  # (N, n, H)
 
 
 def prompt_scores(mask_logits: dict[int, Tensor], verbalizer: Verbalizer) -> Tensor:

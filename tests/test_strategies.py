@@ -171,14 +171,14 @@ def _grads_after(adversary_factory, seed=0):
     loss_fn().backward()
     emb = model.bert.embeddings.tok
     before = emb.weight.detach().clone()
-    adversary_factory(emb).run(loss_fn, list(model.parameters()))
+    adversary_factory(emb, list(model.parameters())).run(loss_fn)
     assert torch.equal(emb.weight.detach(), before)  # restored
     return {n: p.grad.clone() for n, p in model.named_parameters()}, model, loss_fn
 
 
 def test_pgd_with_one_step_is_fgm():
-    fgm, _, _ = _grads_after(lambda e: FGM(e, 0.5))
-    pgd, _, _ = _grads_after(lambda e: PGD(e, 0.5, steps=1))
+    fgm, _, _ = _grads_after(lambda e, ps: FGM(e, 0.5))
+    pgd, _, _ = _grads_after(lambda e, ps: PGD(e, 0.5, steps=1, params=ps))
     for k in fgm:
         torch.testing.assert_close(pgd[k], fgm[k])
 
@@ -186,7 +186,7 @@ def test_pgd_with_one_step_is_fgm():
 def test_pgd_steps_stay_in_the_ball_and_keep_clean_plus_last_gradient():
     """Three steps by hand: each along the gradient at the point reached, projected onto the ball;
     the step's gradient is the clean one plus the last perturbed pass's."""
-    got, model, loss_fn = _grads_after(lambda e: PGD(e, 0.3, steps=3))
+    got, model, loss_fn = _grads_after(lambda e, ps: PGD(e, 0.3, steps=3, params=ps))
     model.zero_grad()
     loss_fn().backward()
     params = dict(model.named_parameters())
