@@ -111,7 +111,9 @@ class FinetuneConfig(RunOptions):
     lora_dropout: float = field(0.0, "lora: dropout on the adapter input", fixed=True)
     adversarial: str = field("none", "fgm: an adversarial step on the word embeddings; pgd: --adv-steps steps, "
                              "each projected back into the same ball", fixed=True, choices=("none", "fgm", "pgd"))
-    fgm_epsilon: float = field(1.0, "fgm, pgd: norm of the embedding perturbation", fixed=True)
+    fgm_epsilon: float = field(1.0, "fgm, pgd: norm of the embedding perturbation, taken over the whole matrix; "
+                               "keep it near one embedding row's length, which random weights make shorter "
+                               "(about 0.02 * sqrt(hidden)) than pretraining does", fixed=True)
     adv_steps: int = field(3, "pgd: ascent steps per training step (K + 1 passes; K = 1 is fgm)", fixed=True)
     # -- optimisation
     epochs: Optional[float] = field(None, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts; "
