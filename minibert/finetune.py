@@ -8,7 +8,7 @@
     --strategy prompt         cloze through the masked-LM head: --template, --verbalizer (zero-shot: --epochs 0)
     --strategy bidirectional  task loss + lambda * InfoNCE(M_ft, M_pre); both models learn
     --strategy lora           low-rank adapters on q/k/v/o, merged into the weights on save
-    with any of them: --adversarial fgm|pgd, --class-weights, --layer-decay, --dropout, --search grid|random
+    with any of them: --adversarial fgm|pgd|freelb, --class-weights, --layer-decay, --dropout, --search grid|random
     --init P --from-scratch   P's architecture and vocabulary with random weights: the no-pretraining baseline
 
 Before the first step every data file is read, parsed strictly and encoded, and the labels are
@@ -44,7 +44,7 @@ from .checkpoint import atomic_write_text
 from .model import ATTN_IMPLS, PRESETS, BertConfig
 from .optim import adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
-from .strategies import FGM, PGD, STRATEGIES, Strategy
+from .strategies import FGM, PGD, STRATEGIES, FreeLB, Strategy
 from .tabular import ERRORS_HELP, BadRowError, DataError, LabeledData, LabelMap, NotUtf8Error, read_labeled
 from .tokenizer import Tokenizer
 from .toolkit import (
@@ -110,11 +110,13 @@ class FinetuneConfig(RunOptions):
     lora_alpha: float = field(16.0, "lora: scale; the update is (alpha / r) B A", fixed=True)
     lora_dropout: float = field(0.0, "lora: dropout on the adapter input", fixed=True)
     adversarial: str = field("none", "fgm: an adversarial step on the word embeddings; pgd: --adv-steps steps, "
-                             "each projected back into the same ball", fixed=True, choices=("none", "fgm", "pgd"))
-    fgm_epsilon: float = field(1.0, "fgm, pgd: norm of the embedding perturbation, taken over the whole matrix; "
-                               "keep it near one embedding row's length, which random weights make shorter "
-                               "(about 0.02 * sqrt(hidden)) than pretraining does", fixed=True)
-    adv_steps: int = field(3, "pgd: ascent steps per training step (K + 1 passes; K = 1 is fgm)", fixed=True)
+                             "each projected back into the same ball; freelb: pgd's passes, learning from the "
+                             "mean of all their gradients", fixed=True, choices=("none", "fgm", "pgd", "freelb"))
+    fgm_epsilon: float = field(1.0, "fgm, pgd, freelb: norm of the embedding perturbation, taken over the whole "
+                               "matrix; keep it near one embedding row's length, which random weights make "
+                               "shorter (about 0.02 * sqrt(hidden)) than pretraining does", fixed=True)
+    adv_steps: int = field(3, "pgd, freelb: ascent steps per training step (K + 1 passes; pgd with K = 1 is fgm)",
+                           fixed=True)
     # -- optimisation
     epochs: Optional[float] = field(None, "passes over the training data (0 = evaluate only, e.g. zero-shot prompts; "
                                     "default: by the model's width, see default_schedule: 20 for hidden <= 128, "
@@ -563,7 +565,7 @@ class Trainer:
     opt: Optional[torch.optim.Optimizer]  # None when nothing learns (--epochs 0, e.g. zero-shot prompts)
     sched: Optional[torch.optim.lr_scheduler.LRScheduler]
     scaler: torch.amp.GradScaler
-    adversary: Optional[FGM]  # FGM, or PGD (a subclass)
+    adversary: Optional[FGM]  # FGM, or PGD or FreeLB (subclasses)
     metric: str  # the dev metric that selects the kept model
     keep: KeepBest
     best: dict  # {"dev": metrics of the kept model, "step": its step}
@@ -597,8 +599,9 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
     if cfg.adversarial != "none":
         emb = learner.embeddings()
         emb.weight.requires_grad_(True)  # the attack needs its gradient even when frozen (not in the optimiser then)
-        adversary = (FGM(emb, cfg.fgm_epsilon) if cfg.adversarial == "fgm"
-                     else PGD(emb, cfg.fgm_epsilon, cfg.adv_steps, [p for m in modules for p in m.parameters()]))
+        adversary = (FGM(emb, cfg.fgm_epsilon) if cfg.adversarial == "fgm" else
+                     {"pgd": PGD, "freelb": FreeLB}[cfg.adversarial](
+                         emb, cfg.fgm_epsilon, cfg.adv_steps, [p for m in modules for p in m.parameters()]))
     regression = data.label_map.is_regression
     metric = cfg.metric if cfg.metric != "auto" else ("pearson" if regression else "accuracy")
     metrics = REGRESSION_METRICS if regression else CLASSIFICATION_METRICS
@@ -645,8 +648,8 @@ def restore(t: Trainer) -> dict:
 
 
 def train_step(t: Trainer, idx: list[int]) -> tuple[float, dict]:
-    """One optimiser step on training rows idx: forward under autocast, backward, FGM's or PGD's
-    adversarial passes, the update.
+    """One optimiser step on training rows idx: forward under autocast, backward, the adversary's
+    passes (FGM, PGD, FreeLB), the update.
     Returns the gradient norm and the strategy's loss parts; a non-finite loss stops the run (UserError)."""
     cfg, learner, device, train = t.cfg, t.learner, t.device, t.data.train
     t0 = time.perf_counter()

@@ -7,8 +7,8 @@ Building blocks (tests/test_strategies.py pins each against a direct computation
     freeze_bottom(model, k)      partial fine-tuning: embeddings + the bottom k layers stay fixed
     LoRALinear / add_lora        low-rank adapters on the attention projections, merged on save
     info_nce                     the alignment loss of "bidirectional" fine-tuning
-    FGM / PGD                    fast gradient method and projected gradient ascent: adversarial
-                                 steps on the word embeddings
+    FGM / PGD / FreeLB           fast gradient method, projected gradient ascent and its mean over
+                                 every pass: adversarial steps on the word embeddings
     Verbalizer / Prompt / PackedPrompt / prompt_scores
                                  cloze prompts read through the masked-LM head
 
@@ -284,6 +284,8 @@ class PGD(FGM):
     forward and backward passes a step, against FGM's 2.
     """
 
+    average = False  # FreeLB: the mean of every pass's gradient instead of clean + last
+
     def __init__(self, embedding: nn.Embedding, epsilon: float, steps: int, params: Sequence[Tensor]):
         super().__init__(embedding, epsilon)
         self.steps, self.alpha = steps, 2 * epsilon / steps
@@ -296,20 +298,41 @@ class PGD(FGM):
         if r_norm > self.epsilon:  # back onto the ball
             self.weight.copy_(self.backup + r * (self.epsilon / r_norm))
 
+    def keep(self, kept: dict) -> None:
+        """Add the gradients of the pass just run to those kept."""
+        for p in self.params:
+            if p.grad is not None:
+                kept[p] = p.grad if p not in kept else kept[p] + p.grad
+
     def run(self, loss_fn: Callable[[], Tensor]) -> None:
-        clean = [(p, p.grad) for p in self.params if p.grad is not None]
-        ran = False
+        kept = {p: p.grad for p in self.params if p.grad is not None}  # the clean pass's
+        passes = 1
         for _ in range(self.steps):
-            if not self.attack():
+            if not self.attack():  # reads the embeddings' gradient of the pass just run
                 break
+            if self.average and passes > 1:
+                self.keep(kept)
             for p in self.params:  # the next pass's gradient alone: the next step follows it
                 p.grad = None
             loss_fn().backward()
-            ran = True
+            passes += 1
         self.restore()
-        if ran:
-            for p, g in clean:
-                p.grad = g if p.grad is None else p.grad + g
+        if passes > 1:
+            self.keep(kept)
+            for p, g in kept.items():
+                p.grad = g / passes if self.average else g
+
+
+class FreeLB(PGD):
+    """PGD's passes, with the step's gradient the mean over all K + 1 of them (FreeLB, Zhu et al.
+    2020): the model learns from every point the ascent visits, clean one included, as if the
+    batch held K + 1 perturbed copies of itself, at PGD's cost. Deviations from the paper, for
+    the sake of one ball shared with FGM and PGD: the ascent starts at the clean embeddings
+    rather than a random point, and perturbs the embedding matrix under one norm rather than
+    each sequence under its own.
+    """
+
+    average = True
 
 
 # -----------------------------------------------------------------------------

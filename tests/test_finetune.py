@@ -104,6 +104,8 @@ STRATEGY_ARGS = {
     # packed prompts, PGD through the embeddings the masked-LM decoder shares
     "prompt_pgd": ["--strategy", "prompt", "--template", "{text} it was [MASK] .", "--verbalizer",
                    "neg:terrible,pos:great", "--pack", "--adversarial", "pgd", "--adv-steps", "2"],
+    # FreeLB pushing embeddings that LoRA leaves frozen
+    "lora_freelb": ["--strategy", "lora", "--lora-rank", "2", "--adversarial", "freelb", "--adv-steps", "2"],
 }
 
 

@@ -14,6 +14,7 @@ from minibert import BertConfig, BertForMaskedLM, BertForSequenceClassification,
 from minibert.strategies import (
     FGM,
     PGD,
+    FreeLB,
     LoRALinear,
     PackedPrompt,
     Prompt,
@@ -208,6 +209,38 @@ def test_pgd_steps_stay_in_the_ball_and_keep_clean_plus_last_gradient():
     for k in got:
         torch.testing.assert_close(got[k], clean[k] + last[k])
     assert not torch.allclose(last["classifier.weight"], clean["classifier.weight"])  # the passes differed
+
+
+def test_freelb_averages_the_gradients_of_every_point_pgd_visits():
+    """The same three steps by hand; the step's gradient is the mean over the clean pass and all three
+    perturbed ones, where PGD keeps the clean one and the last."""
+    got, model, loss_fn = _grads_after(lambda e, ps: FreeLB(e, 0.3, steps=3, params=ps))
+    model.zero_grad()
+    loss_fn().backward()
+    params = dict(model.named_parameters())
+    total = {n: p.grad.clone() for n, p in params.items()}
+    w = model.bert.embeddings.tok.weight
+    e0 = w.detach().clone()
+    g = w.grad.clone()
+    for _ in range(3):
+        with torch.no_grad():
+            r = w + 0.2 * g / g.norm() - e0
+            w.copy_(e0 + r * min(1.0, 0.3 / r.norm().item()))
+        model.zero_grad()
+        loss_fn().backward()
+        g = w.grad.clone()
+        for n, p in params.items():
+            total[n] += p.grad
+    with torch.no_grad():
+        w.copy_(e0)
+    for k in got:
+        torch.testing.assert_close(got[k], total[k] / 4)
+    pgd, _, _ = _grads_after(lambda e, ps: PGD(e, 0.3, steps=3, params=ps))
+    assert not torch.allclose(pgd["classifier.weight"], 2 * got["classifier.weight"])  # not PGD's two passes
+    fgm, _, _ = _grads_after(lambda e, ps: FGM(e, 0.3))
+    one, _, _ = _grads_after(lambda e, ps: FreeLB(e, 0.3, steps=1, params=ps))
+    for k in fgm:  # one step: the clean and the FGM pass, averaged instead of added
+        torch.testing.assert_close(one[k], fgm[k] / 2)
 
 
 # --- InfoNCE --------------------------------------------------------------------
