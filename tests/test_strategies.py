@@ -184,57 +184,46 @@ def test_pgd_with_one_step_is_fgm():
         torch.testing.assert_close(pgd[k], fgm[k])
 
 
-def test_pgd_steps_stay_in_the_ball_and_keep_clean_plus_last_gradient():
-    """Three steps by hand: each along the gradient at the point reached, projected onto the ball;
-    the step's gradient is the clean one plus the last perturbed pass's."""
-    got, model, loss_fn = _grads_after(lambda e, ps: PGD(e, 0.3, steps=3, params=ps))
+def _passes_by_hand(model, loss_fn, epsilon: float, steps: int) -> list[dict]:
+    """PGD's steps written out: each along the gradient at the point reached, of length 2 epsilon / K,
+    projected onto the ball. Returns every parameter's gradient at each point, the clean one first."""
     model.zero_grad()
     loss_fn().backward()
     params = dict(model.named_parameters())
-    clean = {n: p.grad.clone() for n, p in params.items()}
+    passes = [{n: p.grad.clone() for n, p in params.items()}]
     w = model.bert.embeddings.tok.weight
     e0 = w.detach().clone()
     g = w.grad.clone()
-    for _ in range(3):
+    for _ in range(steps):
         with torch.no_grad():
-            r = w + 0.2 * g / g.norm() - e0  # alpha = 2 epsilon / K
-            w.copy_(e0 + r * min(1.0, 0.3 / r.norm().item()))
-        assert torch.linalg.vector_norm(w.detach() - e0).item() <= 0.3 + 1e-6
+            r = w + (2 * epsilon / steps) * g / g.norm() - e0
+            w.copy_(e0 + r * min(1.0, epsilon / r.norm().item()))
+        assert torch.linalg.vector_norm(w.detach() - e0).item() <= epsilon + 1e-6
         model.zero_grad()
         loss_fn().backward()
         g = w.grad.clone()
-    last = {n: p.grad.clone() for n, p in params.items()}
+        passes.append({n: p.grad.clone() for n, p in params.items()})
     with torch.no_grad():
         w.copy_(e0)
+    return passes
+
+
+def test_pgd_steps_stay_in_the_ball_and_keep_clean_plus_last_gradient():
+    got, model, loss_fn = _grads_after(lambda e, ps: PGD(e, 0.3, steps=3, params=ps))
+    passes = _passes_by_hand(model, loss_fn, 0.3, 3)
+    clean, last = passes[0], passes[-1]
     for k in got:
         torch.testing.assert_close(got[k], clean[k] + last[k])
     assert not torch.allclose(last["classifier.weight"], clean["classifier.weight"])  # the passes differed
 
 
 def test_freelb_averages_the_gradients_of_every_point_pgd_visits():
-    """The same three steps by hand; the step's gradient is the mean over the clean pass and all three
-    perturbed ones, where PGD keeps the clean one and the last."""
+    """The step's gradient is the mean over the clean pass and all three perturbed ones, where PGD
+    keeps the clean one and the last."""
     got, model, loss_fn = _grads_after(lambda e, ps: FreeLB(e, 0.3, steps=3, params=ps))
-    model.zero_grad()
-    loss_fn().backward()
-    params = dict(model.named_parameters())
-    total = {n: p.grad.clone() for n, p in params.items()}
-    w = model.bert.embeddings.tok.weight
-    e0 = w.detach().clone()
-    g = w.grad.clone()
-    for _ in range(3):
-        with torch.no_grad():
-            r = w + 0.2 * g / g.norm() - e0
-            w.copy_(e0 + r * min(1.0, 0.3 / r.norm().item()))
-        model.zero_grad()
-        loss_fn().backward()
-        g = w.grad.clone()
-        for n, p in params.items():
-            total[n] += p.grad
-    with torch.no_grad():
-        w.copy_(e0)
+    passes = _passes_by_hand(model, loss_fn, 0.3, 3)
     for k in got:
-        torch.testing.assert_close(got[k], total[k] / 4)
+        torch.testing.assert_close(got[k], sum(p[k] for p in passes) / 4)
     pgd, _, _ = _grads_after(lambda e, ps: PGD(e, 0.3, steps=3, params=ps))
     assert not torch.allclose(pgd["classifier.weight"], 2 * got["classifier.weight"])  # not PGD's two passes
     fgm, _, _ = _grads_after(lambda e, ps: FGM(e, 0.3))
