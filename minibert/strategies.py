@@ -299,10 +299,14 @@ class PGD(FGM):
             self.weight.copy_(self.backup + r * (self.epsilon / r_norm))
 
     def keep(self, kept: dict) -> None:
-        """Add the gradients of the pass just run to those kept."""
+        """Add the gradients of the pass just run to those kept, in place: each kept tensor is one
+        that no parameter holds any more, so no step allocates a new copy of the model's gradients."""
         for p in self.params:
             if p.grad is not None:
-                kept[p] = p.grad if p not in kept else kept[p] + p.grad
+                if p in kept:
+                    kept[p].add_(p.grad)
+                else:
+                    kept[p] = p.grad
 
     def run(self, loss_fn: Callable[[], Tensor]) -> None:
         kept = {p: p.grad for p in self.params if p.grad is not None}  # the clean pass's
@@ -320,7 +324,7 @@ class PGD(FGM):
         if passes > 1:
             self.keep(kept)
             for p, g in kept.items():
-                p.grad = g / passes if self.average else g
+                p.grad = g.div_(passes) if self.average else g
 
 
 class FreeLB(PGD):
