@@ -42,7 +42,7 @@ from . import checkpoint
 from . import metrics as M
 from .checkpoint import atomic_write_text
 from .model import ATTN_IMPLS, PRESETS, BertConfig
-from .optim import adamw, param_groups, warmup_linear
+from .optim import PullToStart, adamw, param_groups, warmup_linear
 from .predict import Classifier, score_items, to_device
 from .strategies import FGM, PGD, STRATEGIES, FreeLB, Strategy
 from .tabular import ERRORS_HELP, BadRowError, DataError, LabeledData, LabelMap, NotUtf8Error, read_labeled
@@ -133,6 +133,13 @@ class FinetuneConfig(RunOptions):
     warmup: float = field(0.06, "fraction of steps of linear warmup, then linear decay to 0", fixed=True)
     clip: float = field(1.0, "clip the gradient norm to this (0 = off)", fixed=True)
     layer_decay: Optional[float] = field(None, "layer-wise lr decay, e.g. 0.9 (lower layers learn slower)", fixed=True)
+    reinit_layers: int = field(0, "draw the top this many encoder layers afresh with BERT's initialisation, "
+                               "keeping the pretrained ones below (Zhang et al. 2021); from scratch they are "
+                               "random already", fixed=True)
+    l2sp: float = field(0.0, "decay the encoder's weights toward their values at the start (the pretrained ones; "
+                        "from scratch, the random draw) with this strength, in place of --weight-decay, which the "
+                        "head keeps (L2-SP, decoupled like AdamW's decay: each step moves w by lr * l2sp * (w0 - w)); "
+                        "0 = off", fixed=True)
     dropout: Optional[float] = field(None, "override the checkpoint's dropout (hidden, attention and classifier)",
                                      fixed=True)
     class_weights: str = field("none", "none | inverse (frequency) | comma list, one weight per class id", fixed=True)
@@ -180,6 +187,8 @@ def check_config(cfg: FinetuneConfig) -> None:
         (cfg.lr is None or (math.isfinite(cfg.lr) and cfg.lr >= 0), f"--lr must be >= 0, got {cfg.lr}"),
         (0 <= cfg.warmup <= 1, f"--warmup is a fraction of the steps, in [0, 1]; got {cfg.warmup}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.l2sp >= 0, f"--l2sp must be >= 0, got {cfg.l2sp}"),
+        (cfg.reinit_layers >= 0, f"--reinit-layers must be >= 0, got {cfg.reinit_layers}"),
         (cfg.adam_eps > 0, f"--adam-eps must be positive, got {cfg.adam_eps}"),
         (cfg.clip >= 0, f"--clip must be >= 0 (0 = off), got {cfg.clip}"),
         (cfg.adv_steps >= 1, f"--adv-steps must be >= 1, got {cfg.adv_steps}"),
@@ -380,6 +389,13 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
                             f"fine-tuned from (its head cannot take another number of classes)")
         model = strategy.model_class.from_pretrained(src, **overrides)
         notes["initialised"] = model.load_report["initialised"]
+        if cfg.reinit_layers:  # the top layers serve the pretraining task most; the task starts them afresh
+            layers = model.bert.encoder.layers
+            if cfg.reinit_layers > len(layers):
+                raise UserError(f"--reinit-layers {cfg.reinit_layers}: --init {cfg.init} has {len(layers)} layers")
+            top = layers[len(layers) - cfg.reinit_layers:]
+            top.apply(model.bert._init_weights)
+            notes["reinitialised_layers"] = cfg.reinit_layers
     tok.model_max_length = cfg.max_len  # saved with the tokenizer, so predict truncates the same way
     learner = strategy(cfg, model, tok, label_map, src, log)
     learner.notes = {**notes, **learner.notes}
@@ -589,10 +605,12 @@ def setup_training(cfg: FinetuneConfig, learner: Strategy, data: Data, out: Path
         total = min(total, cfg.max_steps)
     modules = learner.modules()
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    groups = [g for m in modules for g in param_groups(m, cfg.lr, cfg.weight_decay, cfg.layer_decay)]
+    groups = [g for m in modules for g in param_groups(m, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.l2sp)]
     if not groups and total > 0:
         raise UserError(f"--strategy {cfg.strategy} left no parameter to train; use --epochs 0 to evaluate only")
     opt = adamw(groups, cfg.lr, eps=cfg.adam_eps) if groups else None
+    if opt is not None and cfg.l2sp:
+        PullToStart(opt)  # the weights as they are now, before --resume loads later ones: the start
     sched = warmup_linear(opt, round(cfg.warmup * total), total) if opt else None
     scaler = grad_scaler(cfg.precision, device)
     adversary = None

@@ -495,8 +495,9 @@ class Killed(Exception):
 def test_resume_continues_a_killed_run_exactly_and_refuses_changed_settings(env, capsys, tmp_path):
     train = tmp_path / "train.tsv"
     train.write_text(Path(env["train"]).read_text())
+    # --l2sp: the resumed run pulls toward the weights it started from, not those it resumed with
     args = dict(init=env["init"], train=str(train), dev=env["dev"], epochs=2, batch_size=8, max_len=32, lr=1e-3,
-                progress=False, log_every=2, threads=1)
+                progress=False, log_every=2, threads=1, l2sp=30.0)
     whole = finetune.run(finetune.FinetuneConfig(out=str(tmp_path / "whole"), **args), log=lambda s: None)
 
     def die_in_epoch_two(line):  # the state of step 6 (end of epoch 1) is on disk by then
@@ -792,3 +793,26 @@ def test_other_tasks_parse_wordnet_and_fortunes(tmp_path, benchmark_script):
     tasks.write_tsv(tmp_path / "t" / "train.tsv", entries)
     back = read_labeled(tmp_path / "t" / "train.tsv")
     assert list(zip(back.texts, back.labels)) == entries
+
+
+def test_reinit_layers_draws_the_top_layers_afresh_and_keeps_the_rest(env, tmp_path, capsys):
+    pre = BertForMaskedLM.from_pretrained(env["init"])
+    with torch.no_grad():
+        for p in pre.parameters():
+            p.add_(0.5)  # no weight of this checkpoint is at a value BERT's initialisation gives
+    pre.save_pretrained(tmp_path / "pre", tokenizer=Tokenizer.from_file(env["init"]))
+    cfg = finetune.FinetuneConfig(init=str(tmp_path / "pre"), train=env["train"], reinit_layers=1)
+    data = finetune.read_data(cfg, log=lambda s: None)
+    model = finetune.build(cfg, data.label_map, data.train, log=lambda s: None).model
+    saved = dict(pre.named_parameters())
+    for n, p in model.named_parameters():
+        if n.startswith("bert.encoder.layers.1."):  # the top of two: BERT's N(0, 0.02), zero biases, unit norms
+            expect = 1.0 if "norm" in n and n.endswith("weight") else 0.0
+            if p.ndim == 2:
+                assert abs(p.std().item() - 0.02) < 0.003 and abs(p.mean().item()) < 0.003, n
+            else:
+                assert torch.all(p == expect), n
+        elif n.startswith(("bert.embeddings.", "bert.encoder.")):
+            assert torch.equal(p, saved[n]), n
+    assert finetune.main(base_argv(env, tmp_path / "out", "--reinit-layers", "3")) == 1
+    assert "--reinit-layers 3" in capsys.readouterr().err

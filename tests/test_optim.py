@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minibert.model import BertConfig, BertForSequenceClassification
-from minibert.optim import adamw, build_optimizer, param_groups, warmup_linear, warmup_linear_by_time
+from minibert.optim import PullToStart, adamw, build_optimizer, param_groups, warmup_linear, warmup_linear_by_time
 
 
 def small_model(seed=0):
@@ -78,3 +78,48 @@ def test_adamw_takes_the_fused_kernel_for_any_groups():
     opt = adamw(groups, 2e-3, eps=1e-8)
     assert opt.defaults["fused"] and opt.defaults["eps"] == 1e-8
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
+
+
+def test_l2sp_pulls_the_encoder_toward_its_start_and_the_head_toward_zero():
+    """--l2sp: AdamW (torch's fused kernel) with PullToStart against Adam written out by hand, where the
+    encoder's weights (biases and LayerNorm too) decay toward their first values and the head's matrix
+    toward zero; three steps with a changing learning rate, as the schedule changes it."""
+    lr, wd, s, eps = 1e-2, 0.05, 3.0, 1e-6
+    a, b = small_model(), small_model()
+    groups = param_groups(a, lr, wd, l2sp=s)
+    names = {id(p): n for n, p in a.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            assert (g["l2sp"], g["weight_decay"]) == ((s, 0.0) if n.startswith("bert.") else
+                                                      (0.0, wd if p.ndim == 2 else 0.0)), n
+    opt = adamw(groups, lr)
+    PullToStart(opt)
+    start = {n: p.detach().clone() for n, p in b.named_parameters()}
+    m = {n: torch.zeros_like(p) for n, p in b.named_parameters()}
+    v = {n: torch.zeros_like(p) for n, p in b.named_parameters()}
+    g_ = torch.Generator().manual_seed(2)
+    for t, rate in enumerate([lr, lr / 2, lr / 4], start=1):
+        ids = torch.randint(0, 64, (4, 12), generator=g_)
+        y = torch.randint(0, 2, (4,), generator=g_)
+        for group in opt.param_groups:
+            group["lr"] = rate
+        a(ids, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        b.zero_grad()
+        b(ids, labels=y).loss.backward()
+        with torch.no_grad():
+            for n, p in b.named_parameters():
+                if n.startswith("bert."):
+                    p -= rate * s * (p - start[n])
+                elif p.ndim == 2:
+                    p -= rate * wd * p
+                m[n] = 0.9 * m[n] + 0.1 * p.grad
+                v[n] = 0.999 * v[n] + 0.001 * p.grad ** 2
+                p -= rate * (m[n] / (1 - 0.9 ** t)) / ((v[n] / (1 - 0.999 ** t)).sqrt() + eps)
+    moved = 0
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+        moved += not torch.equal(pa, start[n])
+    assert moved == len(start)
