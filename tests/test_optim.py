@@ -84,7 +84,7 @@ def test_l2sp_pulls_the_encoder_toward_its_start_and_the_head_toward_zero():
     """--l2sp: AdamW (torch's fused kernel) with PullToStart against Adam written out by hand, where the
     encoder's weights (biases and LayerNorm too) decay toward their first values and the head's matrix
     toward zero; three steps with a changing learning rate, as the schedule changes it."""
-    lr, wd, s, eps = 1e-2, 0.05, 3.0, 1e-6
+    lr, wd, s, eps = 1e-3, 0.5, 30.0, 1e-6  # lr * s = 0.03: the pull moves a weight as far as a step does
     a, b = small_model(), small_model()
     groups = param_groups(a, lr, wd, l2sp=s)
     names = {id(p): n for n, p in a.named_parameters()}
