@@ -393,8 +393,7 @@ def build(cfg: FinetuneConfig, label_map: LabelMap, train: Split, log) -> Strate
             layers = model.bert.encoder.layers
             if cfg.reinit_layers > len(layers):
                 raise UserError(f"--reinit-layers {cfg.reinit_layers}: --init {cfg.init} has {len(layers)} layers")
-            top = layers[len(layers) - cfg.reinit_layers:]
-            top.apply(model.bert._init_weights)
+            layers[-cfg.reinit_layers:].apply(model.bert._init_weights)
             notes["reinitialised_layers"] = cfg.reinit_layers
     tok.model_max_length = cfg.max_len  # saved with the tokenizer, so predict truncates the same way
     learner = strategy(cfg, model, tok, label_map, src, log)
